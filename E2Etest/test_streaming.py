@@ -1,0 +1,179 @@
+"""Streaming on one pipeline: OpenAI audio and SSE streams, the seed's SSE, raw PCM and WebSocket endpoints."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import decode
+
+TEXT = "Streaming starts before the sentence is finished."
+FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
+
+
+@pytest.fixture(scope="module")
+def buffered(http) -> np.ndarray:
+    r = http.post("/v1/audio/speech", json={"input": TEXT, "voice": "nova", "response_format": "pcm", "seed": 11})
+    return decode(r.content, "pcm")[0]
+
+
+def assert_same_audio(streamed: np.ndarray, buffered: np.ndarray) -> None:
+    """Streaming decodes in small chunks with context, buffered in large ones: the samples agree to 1e-4."""
+    assert streamed.shape == buffered.shape
+    assert np.max(np.abs(streamed - buffered)) <= 4 / 32768
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sdk_streams_every_format(client, buffered, fmt):
+    parts = []
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="nova", input=TEXT, response_format=fmt,
+            extra_body={"stream_format": "audio", "seed": 11}) as response:
+        assert response.headers.get("transfer-encoding") == "chunked"
+        for chunk in response.iter_bytes():
+            parts.append(chunk)
+    data = b"".join(parts)
+    pcm, rate = decode(data, fmt)
+    assert abs(pcm.size / rate - buffered.size / 24000) < 0.15
+    if fmt in ("pcm", "wav", "flac"):
+        assert_same_audio(pcm, buffered)
+
+
+def test_streamed_wav_has_unknown_sizes(http):
+    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "voice": "nova", "response_format": "wav",
+                                                         "stream_format": "audio", "seed": 11}) as r:
+        data = r.read()
+    assert struct.unpack("<I", data[4:8])[0] == 0xFFFFFFFF
+    assert struct.unpack("<I", data[data.index(b"data") + 4:][:4])[0] == 0xFFFFFFFF
+
+
+def test_first_bytes_arrive_while_the_model_is_still_generating(http):
+    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT + " " + TEXT, "voice": "nova",
+                                                         "response_format": "pcm", "stream_format": "audio"}) as r:
+        chunks = r.iter_raw()
+        first = next(chunks)
+        health = http.get("/health").json()          # asked after the first bytes, before the end
+        rest = b"".join(chunks)
+    assert len(first) > 0 and len(rest) > 0
+    assert health["queue_depth"] >= 1 and health["busy"], "the first audio came only after generation had ended"
+
+
+def test_openai_sse_events(http, buffered):
+    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "voice": "nova", "response_format": "pcm",
+                                                         "stream_format": "sse", "seed": 11}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    usage = events[-1]["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    pcm = decode(b"".join(base64.b64decode(e["audio"]) for e in deltas), "pcm")[0]
+    assert_same_audio(pcm, buffered)
+
+
+def test_openai_sse_with_mp3_chunks(http):
+    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "voice": "nova", "response_format": "mp3",
+                                                         "stream_format": "sse", "seed": 11}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    mp3 = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    assert decode(mp3, "mp3")[0].size > 0
+
+
+def test_seed_sse_contract(http, buffered):
+    with http.stream("POST", "/v1/audio/speech/stream", json={"input": TEXT, "voice": "nova", "seed": 11}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+        lines = list(r.iter_lines())
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and len(data) >= 3
+    assert all(line == "" or line.startswith("data: ") for line in lines)   # data line, blank line, ...
+    pcm = decode(b"".join(base64.b64decode(d) for d in data[:-1]), "pcm")[0]
+    assert_same_audio(pcm, buffered)
+
+
+def test_seed_pcm_stream_contract(http, buffered):
+    with http.stream("POST", "/v1/audio/speech/stream/pcm", json={"input": TEXT, "voice": "nova", "seed": 11}) as r:
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert (r.headers["x-pcm-sample-rate"], r.headers["x-pcm-bit-depth"], r.headers["x-pcm-channels"]) == \
+               ("24000", "16", "1")
+        data = r.read()
+    assert_same_audio(decode(data, "pcm")[0], buffered)
+
+
+def test_seed_pcm_stream_at_8k_for_phone_lines(http, buffered):
+    with http.stream("POST", "/v1/audio/speech/stream/pcm",
+                     json={"input": TEXT, "voice": "nova", "seed": 11, "sample_rate": 8000}) as r:
+        assert r.headers["x-pcm-sample-rate"] == "8000"
+        data = r.read()
+    assert len(data) // 2 / 8000 == pytest.approx(buffered.size / 24000, abs=0.01)
+
+
+def test_streaming_errors_before_audio_are_http_errors(http):
+    for path in ("/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"):
+        r = http.post(path, json={"input": "hi", "voice": "nobody"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+    assert http.get("/health").json()["queue_depth"] == 0
+
+
+def wait_for_idle_queue(http, seconds: float = 15) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        health = http.get("/health").json()
+        if health["queue_depth"] == 0 and not health["busy"]:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the queue did not drain: {health}")
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"])
+def test_a_disconnect_frees_the_queue_slot_and_the_model(url, http, path):
+    long_text = " ".join(["This request will be abandoned by its client after the first bytes."] * 4)
+    body = {"input": long_text, "voice": "nova", "response_format": "pcm", "stream_format": "audio"}
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as r:
+        next(r.iter_raw())
+        assert http.get("/health").json()["queue_depth"] == 1
+    wait_for_idle_queue(http)
+
+
+def test_websocket_utterances_errors_and_reuse(url, buffered):
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws") + "/v1/audio/speech/ws") as ws:
+        ws.send(json.dumps({"input": ""}))
+        assert json.loads(ws.recv()) == {"event": "error", "detail": "input is required"}
+        ws.send(json.dumps({"input": "hi", "voice": "nobody"}))
+        error = json.loads(ws.recv())
+        assert error["event"] == "error" and "unknown voice" in error["detail"]
+        ws.send("not json")
+        assert json.loads(ws.recv())["event"] == "error"
+        for _ in range(2):                                       # the socket stays usable
+            ws.send(json.dumps({"input": TEXT, "voice": "nova", "seed": 11}))
+            audio = b""
+            while isinstance(message := ws.recv(), bytes):
+                audio += message
+            assert json.loads(message) == {"event": "done"}
+            assert_same_audio(decode(audio, "pcm")[0], buffered)
+
+
+def test_websocket_cancel_stops_the_utterance(url, http):
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws") + "/v1/audio/speech/ws") as ws:
+        ws.send(json.dumps({"input": " ".join([TEXT] * 6), "voice": "nova"}))
+        assert isinstance(ws.recv(), bytes)                      # audio is flowing
+        ws.send(json.dumps({"event": "cancel"}))
+        while isinstance(message := ws.recv(), bytes):
+            pass
+        assert json.loads(message) == {"event": "cancelled"}
+        wait_for_idle_queue(http)
+        ws.send(json.dumps({"input": "Still here.", "voice": "nova"}))
+        while isinstance(message := ws.recv(), bytes):
+            pass
+        assert json.loads(message) == {"event": "done"}

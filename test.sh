@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what the tests need, build the tiny offline checkpoints, run every test:
+#   unit tests (server_test.py), the E2E suite against live servers, and the seed's scripts (test_tts.py,
+#   test_quick.sh) against a live server. Extra arguments go to the E2E pytest run (e.g. -m smoke).
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/install.sh --dev
+py=.venv/bin/python
+$py tools/build_tiny_checkpoints.py
+
+echo "== unit tests"
+$py -m pytest server_test.py -q
+
+echo "== end-to-end tests"
+E2Etest/run_tests.sh --with-server "$@"
+
+echo "== seed scripts against a live server"
+port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+log=$(mktemp)
+MODEL_ID=build/checkpoints/tiny-0.6B-CustomVoice HOST=127.0.0.1 PORT=$port PRELOAD_MODEL=true LOG_FORMAT=text \
+  $py server.py >"$log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+for _ in $(seq 1 300); do
+  curl -fsS "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"model_state":"ready"' && break
+  kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }
+  sleep 0.5
+done
+export TTS_URL=http://127.0.0.1:$port
+$py test_tts.py
+bash test_quick.sh
+echo "== all tests passed"
