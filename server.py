@@ -3669,6 +3669,8 @@ class WebSocketSession:
                     message = next_message.result()
                     if message is None or (isinstance(message, dict) and message.get("event") == "cancel"):
                         next_chunk.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await next_chunk          # the generator must stop before it can be closed
                         if message is None:
                             raise WebSocketDisconnect()
                         return True

@@ -137,10 +137,12 @@ def decode(data: bytes, fmt: str, sample_rate: int = 24000) -> tuple[np.ndarray,
         assert stream.codec_context.channels == 1, f"{fmt}: expected mono, got {stream.codec_context.channels}"
         rate = stream.codec_context.sample_rate
         chunks = [frame.to_ndarray().reshape(-1) for frame in container.decode(stream)]
-    pcm = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    if pcm.dtype.kind == "i":
-        pcm = pcm / 32768.0
-    return pcm, rate
+    if not chunks:
+        return np.zeros(0, np.float32), rate
+    pcm = np.concatenate(chunks)
+    if pcm.dtype.kind == "i":                       # s16 or s32 samples: scale to [-1, 1]
+        return (pcm / float(2 ** (8 * pcm.dtype.itemsize - 1))).astype(np.float32), rate
+    return pcm.astype(np.float32), rate
 
 
 def rms(pcm: np.ndarray) -> float:

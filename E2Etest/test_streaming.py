@@ -137,8 +137,10 @@ def test_a_disconnect_frees_the_queue_slot_and_the_model(url, http, path):
     long_text = " ".join(["This request will be abandoned by its client after the first bytes."] * 4)
     body = {"input": long_text, "voice": "nova", "response_format": "pcm", "stream_format": "audio"}
     with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as r:
-        next(r.iter_raw())
-        assert http.get("/health").json()["queue_depth"] == 1
+        chunks = r.iter_raw()                     # keep it: a dropped iterator closes the response
+        next(chunks)
+        health = http.get("/health").json()
+        assert health["queue_depth"] == 1 and health["busy"], health
     wait_for_idle_queue(http)
 
 
