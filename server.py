@@ -3329,6 +3329,7 @@ class Server:
         except BaseException as exc:
             output.close()
             await chunks.aclose()
+            synthesis.close()      # also when the generator never started, so its own `finally` never ran
             status = exc.status if isinstance(exc, ApiError) else 499
             self.log_request(endpoint, plan, status, synthesis, 0.0, started)
             raise
@@ -3390,6 +3391,7 @@ class Server:
             "dtype": snap["dtype"],
             "attention": snap["attention"],
             "torch_compile": snap["compiled"],
+            "load_seconds": snap["load_seconds"],
             "queue_depth": self.engine.queue_depth,
             "max_queue_depth": self.settings.max_queue_depth,
             "max_batch_size": self.settings.max_batch_size,
@@ -3418,7 +3420,7 @@ def sse(payload: Union[str, dict]) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # proxies must not buffer a stream
 
 
 def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
@@ -3521,7 +3523,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         if req.stream_format == "audio":
             body = await server.stream(request, plan, "speech_stream", plan.response_format, frame=lambda b: b,
                                        end=lambda _: b"", fail=lambda _: b"")
-            return StreamingResponse(body, media_type=FORMATS[plan.response_format])
+            return StreamingResponse(body, media_type=FORMATS[plan.response_format], headers=SSE_HEADERS)
         body = await server.stream(
             request, plan, "speech_sse", plan.response_format,
             frame=lambda b: sse({"type": "speech.audio.delta", "audio": base64.b64encode(b).decode()}),

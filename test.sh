@@ -20,7 +20,8 @@ log=$(mktemp)
 MODEL_ID=build/checkpoints/tiny-0.6B-CustomVoice HOST=127.0.0.1 PORT=$port PRELOAD_MODEL=true LOG_FORMAT=text \
   $py server.py >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+# Keep the script's own exit status: the trap's `wait` would otherwise report the killed server's 143.
+trap 'status=$?; kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -f "$log"; exit $status' EXIT
 for _ in $(seq 1 300); do
   curl -fsS "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"model_state":"ready"' && break
   kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }

@@ -7,13 +7,15 @@ speakers, languages and dialects, and load with `Qwen3TTSModel.from_pretrained(d
 depths are shrunk, so a checkpoint is a few MB and generates audio in a fraction of a second on a CPU. Random weights
 make noise, not speech; everything else about the model is real.
 
-    python tools/build_tiny_checkpoints.py [OUT_DIR]       # default: build/checkpoints
+    python tools/build_tiny_checkpoints.py [OUT_DIR]              # default: build/checkpoints
+    python tools/build_tiny_checkpoints.py --full-size [OUT_DIR]  # the real 0.6B geometry, random (benchmarks)
 
 Builds (seeded, byte-for-byte deterministic):
     tiny-0.6B-CustomVoice   the 9 speakers; instructions ignored by qwen_tts (tts_model_size 0b6), like the real 0.6B
     tiny-1.7B-CustomVoice   the same speakers, tts_model_size 1b7: the configuration that accepts instructions
     tiny-0.6B-Base          voice cloning: empty speaker table, a speaker encoder, a speech-tokenizer encoder
     tiny-1.7B-VoiceDesign   voices designed from an instruction
+    random-0.6B-CustomVoice (--full-size only) the real 0.6B widths and depths with random weights: real costs
 
 Usage in the server: MODEL_ID=build/checkpoints/tiny-0.6B-CustomVoice python server.py
 """
@@ -50,9 +52,26 @@ REAL_CONFIGS = {
     },
 }
 
-HIDDEN = 32          # talker, code predictor and speaker-embedding width (real: 1024)
-HEAD_DIM = 16        # real: 128; mrope_section must sum to HEAD_DIM // 2
-TEXT_HIDDEN = 32     # real: 2048
+# Widths and depths per profile; everything else (codec geometry, ids, speakers, languages) is the real model's.
+TINY = {
+    "talker": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "head_dim": 16, "mrope_section": [4, 2, 2], "text_hidden_size": 32},
+    "code_predictor": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "num_key_value_heads": 1, "head_dim": 16},
+    "speaker_encoder": {"enc_channels": [32, 32, 32, 32, 96], "enc_attention_channels": 16, "enc_res2net_scale": 4,
+                        "enc_se_channels": 16},
+    "text_vocab_size": None,  # the tokenizer's own size
+}
+# The real Qwen3-TTS-12Hz-0.6B-CustomVoice widths (../shared/qwen3-tts/configs): 905.8M + 153.7M parameters.
+FULL = {
+    "talker": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+               "num_key_value_heads": 8, "head_dim": 128, "mrope_section": [24, 20, 20], "text_hidden_size": 2048},
+    "code_predictor": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 5,
+                       "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
+    "speaker_encoder": {"enc_channels": [512, 512, 512, 512, 1536], "enc_attention_channels": 128,
+                        "enc_res2net_scale": 8, "enc_se_channels": 128},
+    "text_vocab_size": 151936,
+}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tts_pad|>", "<|tts_bos|>", "<|tts_eos|>"]
 
@@ -103,16 +122,19 @@ def build_tokenizer(out: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- configurations (the real layout, tiny widths)
-def talker_config(kind: str) -> dict:
+def talker_config(kind: str, profile: dict) -> dict:
+    t, cp = profile["talker"], profile["code_predictor"]
     return {
         "model_type": "qwen3_tts_talker",
-        "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": HEAD_DIM, "hidden_act": "silu",
+        "hidden_size": t["hidden_size"], "intermediate_size": t["intermediate_size"],
+        "num_hidden_layers": t["num_hidden_layers"], "num_attention_heads": t["num_attention_heads"],
+        "num_key_value_heads": t["num_key_value_heads"], "head_dim": t["head_dim"], "hidden_act": "silu",
         "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
-        "rope_scaling": {"interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default", "type": "default"},
+        "rope_scaling": {"interleaved": True, "mrope_section": t["mrope_section"], "rope_type": "default",
+                         "type": "default"},
         "attention_bias": False, "attention_dropout": 0.0, "use_cache": True, "use_sliding_window": False,
-        "position_id_per_seconds": 13, "vocab_size": 3072, "text_vocab_size": None,  # filled from the tokenizer
-        "text_hidden_size": TEXT_HIDDEN, "num_code_groups": 16,
+        "position_id_per_seconds": 13, "vocab_size": 3072, "text_vocab_size": None,  # filled in by model_config
+        "text_hidden_size": t["text_hidden_size"], "num_code_groups": 16,
         "codec_pad_id": 2148, "codec_bos_id": 2149, "codec_eos_token_id": 2150, "codec_think_id": 2154,
         "codec_nothink_id": 2155, "codec_think_bos_id": 2156, "codec_think_eos_id": 2157,
         "codec_language_id": dict(REAL_CONFIGS["languages"]),
@@ -120,17 +142,16 @@ def talker_config(kind: str) -> dict:
         "spk_is_dialect": {} if kind in ("base", "voice_design") else dict(REAL_CONFIGS["dialects"]),
         "code_predictor_config": {
             "model_type": "qwen3_tts_talker_code_predictor",
-            "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": HEAD_DIM, "hidden_act": "silu",
-            "max_position_embeddings": 65536, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
-            "attention_bias": False, "use_cache": True, "vocab_size": 2048, "num_code_groups": 16,
+            **cp, "hidden_act": "silu", "max_position_embeddings": 65536, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000, "attention_bias": False, "use_cache": True, "vocab_size": 2048,
+            "num_code_groups": 16,
         },
     }
 
 
-def model_config(kind: str, size: str, tok_ids: dict[str, int]) -> dict:
-    talker = talker_config(kind)
-    talker["text_vocab_size"] = tok_ids["vocab_size"]
+def model_config(kind: str, size: str, tok_ids: dict[str, int], profile: dict) -> dict:
+    talker = talker_config(kind, profile)
+    talker["text_vocab_size"] = profile["text_vocab_size"] or tok_ids["vocab_size"]
     return {
         "architectures": ["Qwen3TTSForConditionalGeneration"],
         "model_type": "qwen3_tts",
@@ -145,10 +166,8 @@ def model_config(kind: str, size: str, tok_ids: dict[str, int]) -> dict:
         "tts_eos_token_id": tok_ids["<|tts_eos|>"],
         "talker_config": talker,
         "speaker_encoder_config": {
-            "mel_dim": 128, "enc_dim": HIDDEN, "enc_channels": [32, 32, 32, 32, 96],
-            "enc_kernel_sizes": [5, 3, 3, 3, 1],
-            "enc_dilations": [1, 2, 3, 4, 1], "enc_attention_channels": 16, "enc_res2net_scale": 4,
-            "enc_se_channels": 16, "sample_rate": 24000,
+            "mel_dim": 128, "enc_dim": profile["talker"]["hidden_size"], "enc_kernel_sizes": [5, 3, 3, 3, 1],
+            "enc_dilations": [1, 2, 3, 4, 1], **profile["speaker_encoder"], "sample_rate": 24000,
         },
     }
 
@@ -159,7 +178,7 @@ GENERATION_CONFIG = {
     "max_new_tokens": 8192,
 }
 
-SPEECH_TOKENIZER_CONFIG = {
+TINY_SPEECH_TOKENIZER = {
     "architectures": ["Qwen3TTSTokenizerV2Model"],
     "model_type": "qwen3_tts_tokenizer_12hz",
     "encoder_valid_num_quantizers": 16,
@@ -188,19 +207,43 @@ SPEECH_TOKENIZER_CONFIG = {
     },
 }
 
+FULL_SPEECH_TOKENIZER = {
+    **TINY_SPEECH_TOKENIZER,
+    "decoder_config": {
+        "attention_bias": False, "attention_dropout": 0.0,
+        "latent_dim": 1024, "codebook_dim": 512, "codebook_size": 2048, "decoder_dim": 1536,
+        "hidden_act": "silu", "hidden_size": 512, "intermediate_size": 1024,
+        "layer_scale_initial_scale": 0.01, "max_position_embeddings": 8000, "head_dim": 64,
+        "num_attention_heads": 16, "num_hidden_layers": 8, "num_key_value_heads": 16, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000, "semantic_codebook_size": 4096, "sliding_window": 72,
+        "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2],
+        "vector_quantization_hidden_dimension": 512,
+    },
+    "encoder_config": {
+        **TINY_SPEECH_TOKENIZER["encoder_config"],
+        "codebook_dim": 256, "vector_quantization_hidden_dimension": 256, "hidden_size": 512, "num_filters": 64,
+        "upsample_groups": 512, "num_hidden_layers": 8, "intermediate_size": 2048, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "head_dim": 64,
+    },
+}
+
 SPEECH_TOKENIZER_PREPROCESSOR = {
     "feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "sampling_rate": 24000,
     "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True, "chunk_length_s": None,
     "overlap": None,
 }
 
+PROFILES = {"tiny": (TINY, TINY_SPEECH_TOKENIZER), "full": (FULL, FULL_SPEECH_TOKENIZER)}
 CHECKPOINTS = {
-    # name: (tts_model_type, tts_model_size)
-    "tiny-0.6B-CustomVoice": ("custom_voice", "0b6"),
-    "tiny-1.7B-CustomVoice": ("custom_voice", "1b7"),
-    "tiny-0.6B-Base": ("base", "0b6"),
-    "tiny-1.7B-VoiceDesign": ("voice_design", "1b7"),
+    # name: (tts_model_type, tts_model_size, profile)
+    "tiny-0.6B-CustomVoice": ("custom_voice", "0b6", "tiny"),
+    "tiny-1.7B-CustomVoice": ("custom_voice", "1b7", "tiny"),
+    "tiny-0.6B-Base": ("base", "0b6", "tiny"),
+    "tiny-1.7B-VoiceDesign": ("voice_design", "1b7", "tiny"),
+    # For benchmarks only (--full-size): the real 0.6B geometry with random weights, 2.1 GB.
+    "random-0.6B-CustomVoice": ("custom_voice", "0b6", "full"),
 }
+TINY_NAMES = [name for name, (_, _, profile) in CHECKPOINTS.items() if profile == "tiny"]
 
 
 # ---------------------------------------------------------------- weights
@@ -256,23 +299,24 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def build_speech_tokenizer(out: Path, seed: int) -> None:
+def build_speech_tokenizer(out: Path, seed: int, config_dict: dict) -> None:
     import torch
     from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Config
     from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Model
 
     out.mkdir(parents=True, exist_ok=True)
-    config = Qwen3TTSTokenizerV2Config(**copy.deepcopy(SPEECH_TOKENIZER_CONFIG))
+    config = Qwen3TTSTokenizerV2Config(**copy.deepcopy(config_dict))
     torch.manual_seed(seed)
     model = Qwen3TTSTokenizerV2Model(config).eval()
     variance_preserving_init(model, seed)
     calibrate_output_level(model.decoder, seed)
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    _write_json(out / "config.json", SPEECH_TOKENIZER_CONFIG)  # ours, complete: save_pretrained's is not reloadable
+    _write_json(out / "config.json", config_dict)  # ours, complete: save_pretrained's is not reloadable
     _write_json(out / "preprocessor_config.json", SPEECH_TOKENIZER_PREPROCESSOR)
 
 
-def build_checkpoint(out: Path, kind: str, size: str, seed: int, tokenizer_src: Path, speech_src: Path) -> None:
+def build_checkpoint(out: Path, kind: str, size: str, profile: dict, seed: int, tokenizer_src: Path,
+                     speech_src: Path) -> None:
     import torch
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
@@ -281,7 +325,7 @@ def build_checkpoint(out: Path, kind: str, size: str, seed: int, tokenizer_src: 
         if f.name != "ids.json":
             shutil.copy(f, out / f.name)
     tok_ids = json.loads((tokenizer_src / "ids.json").read_text())
-    cfg_dict = model_config(kind, size, tok_ids)
+    cfg_dict = model_config(kind, size, tok_ids, profile)
     config = Qwen3TTSConfig(**copy.deepcopy(cfg_dict))
     torch.manual_seed(seed)
     model = Qwen3TTSForConditionalGeneration(config).eval()
@@ -297,39 +341,45 @@ def fingerprint() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def build_all(out_dir: Path, force: bool = False) -> list[Path]:
-    stamp = out_dir / ".fingerprint"
-    paths = [out_dir / name for name in CHECKPOINTS]
-    if not force and stamp.exists() and stamp.read_text() == fingerprint() and all(p.is_dir() for p in paths):
-        return paths
-    import torch
+def build_all(out_dir: Path, names: list[str] = TINY_NAMES, force: bool = False) -> list[Path]:
+    """Build the named checkpoints into out_dir; ones already built by this version of the script are reused."""
+    stamp = fingerprint()
+    todo = [n for n in names if force or not (out_dir / n / ".fingerprint").is_file()
+            or (out_dir / n / ".fingerprint").read_text() != stamp]
+    if todo:
+        import torch
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp = Path(tmp)
-        tok_dir = tmp / "tokenizer"
-        tok_dir.mkdir()
-        ids = build_tokenizer(tok_dir)
-        _write_json(tok_dir / "ids.json", ids)
-        speech_dir = tmp / "speech_tokenizer"
-        build_speech_tokenizer(speech_dir, SEED)
-        for i, (name, (kind, size)) in enumerate(CHECKPOINTS.items()):
-            staging = tmp / name
-            build_checkpoint(staging, kind, size, SEED + 1 + i, tok_dir, speech_dir)
-            final = out_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)  # a checkpoint appears whole or not at all
-    stamp.write_text(fingerprint())
-    return paths
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            tmp = Path(tmp)
+            tok_dir = tmp / "tokenizer"
+            tok_dir.mkdir()
+            _write_json(tok_dir / "ids.json", build_tokenizer(tok_dir))
+            speech_dirs: dict[str, Path] = {}
+            for name in todo:
+                kind, size, profile_name = CHECKPOINTS[name]
+                profile, speech_config = PROFILES[profile_name]
+                if profile_name not in speech_dirs:
+                    speech_dirs[profile_name] = tmp / f"speech_tokenizer-{profile_name}"
+                    build_speech_tokenizer(speech_dirs[profile_name], SEED, speech_config)
+                staging = tmp / name
+                build_checkpoint(staging, kind, size, profile, SEED + 1 + list(CHECKPOINTS).index(name), tok_dir,
+                                 speech_dirs[profile_name])
+                (staging / ".fingerprint").write_text(stamp)
+                final = out_dir / name
+                if final.exists():
+                    shutil.rmtree(final)
+                staging.rename(final)  # a checkpoint appears whole or not at all
+    return [out_dir / n for n in names]
 
 
 def main(argv: list[str]) -> int:
     force = "--force" in argv
+    names = ["random-0.6B-CustomVoice"] if "--full-size" in argv else TINY_NAMES
     args = [a for a in argv if not a.startswith("--")]
     out_dir = Path(args[0]) if args else HERE.parent / "build" / "checkpoints"
-    for p in build_all(out_dir, force=force):
+    for p in build_all(out_dir, names, force=force):
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         print(f"{p}  ({size / 1e6:.1f} MB)")
     return 0

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Benchmarks of a live server (not tests: nothing here asserts on time). Each scenario starts its own server
+process with the settings it compares, so a figure and its baseline come from the same run on the same machine.
+
+    .venv/bin/python bench/bench.py core     [--model DIR]   # startup, load, request latency, /health during work
+    .venv/bin/python bench/bench.py stream   [--model DIR]   # time to first audio and total, streamed vs buffered
+    .venv/bin/python bench/bench.py load     [--model DIR]   # throughput and TTFA vs concurrency, batched vs serial
+    .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
+
+--model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
+--full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "build" / "checkpoints" / "tiny-0.6B-CustomVoice"
+SHORT = "Hello! How are you doing today?"
+LONG = ("The committee met on Tuesday to review the proposal. After a long discussion, the members agreed to fund "
+        "the first phase of the project, and asked for a detailed budget before the next meeting.")
+BYTES_PER_SECOND = 48000   # 24 kHz int16 mono
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(env: dict, wait_for: str = "health") -> Iterator[tuple[str, float, float]]:
+    """Start server.py; yield (url, seconds until /health answered, seconds until the model was ready)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LOG_FORMAT": "text", "LOG_LEVEL": "WARNING",
+                **env}
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - lives with the process
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    up = ready = None
+    try:
+        while time.monotonic() - started < 1800:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{Path(log.name).read_text()[-3000:]}")
+            try:
+                health = httpx.get(url + "/health", timeout=2).json()
+                up = up or time.monotonic() - started
+                if wait_for == "health" or health["model_state"] in ("ready", "failed"):
+                    ready = time.monotonic() - started if health["model_state"] == "ready" else None
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        yield url, up, ready
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        os.unlink(log.name)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def timed_request(client: httpx.AsyncClient, body: dict, path: str = "/v1/audio/speech") -> dict:
+    """One request, streamed or not: status, time to first byte, total time, seconds of audio (PCM bodies)."""
+    started = time.monotonic()
+    first = None
+    size = 0
+    async with client.stream("POST", path, json=body) as r:
+        async for chunk in r.aiter_raw():
+            if chunk and first is None:
+                first = time.monotonic() - started
+            size += len(chunk)
+        status = r.status_code
+        retry_after = r.headers.get("retry-after")
+    total = time.monotonic() - started
+    return {"status": status, "ttfa": first if first is not None else total, "total": total,
+            "audio_s": size / BYTES_PER_SECOND if status == 200 else 0.0, "retry_after": retry_after}
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+
+
+def fmt(x: Optional[float], digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+# ---- scenarios
+async def health_during(url: str, body: dict) -> tuple[list[float], dict]:
+    """Latency of /health sampled every 20 ms while one synthesis runs."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        work = asyncio.create_task(timed_request(client, body))
+        samples = []
+        await asyncio.sleep(0.05)
+        while not work.done():
+            t = time.monotonic()
+            await client.get("/health")
+            samples.append(time.monotonic() - t)
+            await asyncio.sleep(0.02)
+        return samples, await work
+
+
+def scenario_core(args: argparse.Namespace) -> None:
+    env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "false", "AUDIO_CACHE_MAX": "0", **args.env}
+    with running_server(env) as (url, up, _):
+        t = time.monotonic()
+        first = httpx.post(url + "/v1/audio/speech", json={"input": SHORT, "voice": "alloy",
+                                                           "response_format": "pcm"}, timeout=1800)
+        first_total = time.monotonic() - t
+        health = httpx.get(url + "/health").json()
+        latencies = []
+        for i in range(args.repeat):
+            t = time.monotonic()
+            r = httpx.post(url + "/v1/audio/speech", json={"input": SHORT, "voice": "alloy", "response_format": "wav",
+                                                           "seed": i}, timeout=1800)
+            assert r.status_code == 200, r.text
+            latencies.append(time.monotonic() - t)
+        audio_s = (len(first.content)) / BYTES_PER_SECOND
+        samples, work = asyncio.run(health_during(url, {"input": LONG, "voice": "alloy", "response_format": "pcm"}))
+    rows = [
+        ["process start -> /health answers", fmt(up), "s"],
+        ["model load (first request, from /health load_seconds)", fmt(health.get("load_seconds")), "s"],
+        ["first request, load + warm-up + synthesis", fmt(first_total), "s"],
+        [f"short request ({len(SHORT)} chars, {audio_s:.2f}s audio, wav), p50 of {args.repeat}",
+         fmt(statistics.median(latencies)), "s"],
+        ["  same, min / max", f"{fmt(min(latencies))} / {fmt(max(latencies))}", "s"],
+        [f"/health during a {work['total']:.1f}s synthesis, p50 ({len(samples)} samples)",
+         fmt(statistics.median(samples) * 1000, 1), "ms"],
+        ["  same, p95 / max", f"{fmt(pct(samples, 95) * 1000, 1)} / {fmt(max(samples) * 1000, 1)}", "ms"],
+    ]
+    table(f"core: {args.model} ({health.get('device')}, {health.get('dtype')})", ["measure", "value", "unit"], rows)
+
+
+def scenario_stream(args: argparse.Namespace) -> None:
+    env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0", **args.env}
+
+    async def measure(url: str) -> list[list]:
+        rows = []
+        async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+            await timed_request(client, {"input": SHORT, "voice": "alloy", "response_format": "pcm"})  # warm
+            for name, text in (("short", SHORT), ("long", LONG)):
+                results = {}
+                for mode, extra in (("buffered", {}), ("streamed", {"stream_format": "audio"})):
+                    runs = [await timed_request(client, {"input": text, "voice": "alloy", "response_format": "pcm",
+                                                         "seed": i, **extra}) for i in range(args.repeat)]
+                    results[mode] = runs
+                b, s = results["buffered"], results["streamed"]
+                audio = statistics.median(r["audio_s"] for r in s)
+                s_ttfa = statistics.median(r["ttfa"] for r in s)
+                s_total = statistics.median(r["total"] for r in s)
+                rows.append([name, len(text), f"{audio:.2f}", fmt(statistics.median(r["ttfa"] for r in b)),
+                             fmt(statistics.median(r["total"] for r in b)), fmt(s_ttfa), fmt(s_total),
+                             f"{100 * s_ttfa / s_total:.1f}%", f"{audio / s_total:.2f}"])
+        return rows
+
+    with running_server(env, wait_for="ready") as (url, _, _):
+        rows = asyncio.run(measure(url))
+    table(f"stream: {args.model}, median of {args.repeat} runs (seconds; RTF = audio s / wall s)",
+          ["input", "chars", "audio_s", "buf_first", "buf_total", "str_first", "str_total", "first/total", "RTF"],
+          rows)
+
+
+def scenario_load(args: argparse.Namespace) -> None:
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    async def measure(url: str, concurrency: int) -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+            bodies = [{"input": f"{SHORT} Request {i}.", "voice": "alloy", "response_format": "pcm",
+                       "stream_format": "audio"} for i in range(concurrency * args.rounds)]
+            started = time.monotonic()
+            results = []
+            for r in range(args.rounds):
+                batch = bodies[r * concurrency:(r + 1) * concurrency]
+                results += await asyncio.gather(*(timed_request(client, b) for b in batch))
+            wall = time.monotonic() - started
+        ok = [r for r in results if r["status"] == 200]
+        return {"throughput": sum(r["audio_s"] for r in ok) / wall, "p50": pct([r["ttfa"] for r in ok], 50),
+                "p95": pct([r["ttfa"] for r in ok], 95), "errors": len(results) - len(ok)}
+
+    rows = []
+    for label, batch in (("batched", str(args.batch)), ("serial", "1")):
+        env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0", "MAX_BATCH_SIZE": batch,
+               "MAX_QUEUE_DEPTH": "0", **args.env}
+        with running_server(env, wait_for="ready") as (url, _, _):
+            asyncio.run(measure(url, 1))  # warm
+            for c in concurrencies:
+                m = asyncio.run(measure(url, c))
+                rows.append([label, batch, c, f"{m['throughput']:.2f}", fmt(m["p50"]), fmt(m["p95"]), m["errors"]])
+    table(f"load: {args.model}, {args.rounds} rounds per concurrency (throughput = audio s per wall s)",
+          ["mode", "MAX_BATCH_SIZE", "clients", "throughput", "ttfa_p50", "ttfa_p95", "errors"], rows)
+    by_key = {(r[0], r[2]): float(r[3]) for r in rows}
+    for c in concurrencies:
+        print(f"  concurrency {c}: batched / serial throughput = {by_key[('batched', c)] / by_key[('serial', c)]:.2f}x")
+
+
+def scenario_overload(args: argparse.Namespace) -> None:
+    env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "MAX_QUEUE_DEPTH": "8", "AUDIO_CACHE_MAX": "0",
+           **args.env}
+
+    async def run(url: str) -> tuple[list[dict], list[float]]:
+        async with httpx.AsyncClient(base_url=url, timeout=1800, limits=httpx.Limits(max_connections=100)) as client:
+            queue = list(range(200))
+            results: list[dict] = []
+            health_latency: list[float] = []
+
+            async def worker() -> None:
+                while queue:
+                    i = queue.pop()
+                    results.append(await timed_request(client, {"input": f"Request {i}.", "voice": "alloy",
+                                                                "response_format": "pcm"}))
+
+            async def watch() -> None:
+                while queue or len(results) < 200:
+                    t = time.monotonic()
+                    await client.get("/health", timeout=10)
+                    health_latency.append(time.monotonic() - t)
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.gather(*(worker() for _ in range(50)))
+            watcher.cancel()
+            return results, health_latency
+
+    with running_server(env, wait_for="ready") as (url, _, _):
+        started = time.monotonic()
+        results, health = asyncio.run(run(url))
+        wall = time.monotonic() - started
+        final = httpx.get(url + "/health").json()
+    statuses: dict = {}
+    for r in results:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    with_retry = sum(1 for r in results if r["status"] in (429, 503) and r["retry_after"])
+    table("overload: 200 requests from 50 concurrent clients, MAX_QUEUE_DEPTH=8", ["measure", "value"], [
+        ["wall time", f"{wall:.1f}s"], ["statuses", statuses],
+        ["503/429 carrying Retry-After", f"{with_retry} of {statuses.get(503, 0) + statuses.get(429, 0)}"],
+        ["5xx other than 503", sum(v for k, v in statuses.items() if k >= 500 and k != 503)],
+        ["/health p50 / max during the run", f"{pct(health, 50) * 1000:.1f} / {max(health) * 1000:.1f} ms"],
+        ["queue depth after the run", final["queue_depth"]],
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=["core", "stream", "load", "overload"])
+    parser.add_argument("--model", default=str(TINY))
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
+    args = parser.parse_args()
+    args.env = dict(kv.split("=", 1) for kv in args.env)
+    {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "overload": scenario_overload}[
+        args.scenario](args)
+
+
+if __name__ == "__main__":
+    main()
