@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import struct
 import sys
 import threading
@@ -1628,6 +1629,7 @@ _CJK_LETTER_WEIGHT = 3
 _LATIN_LANGUAGES = frozenset({"en", "de", "it", "pt", "es", "fr"})
 _DETECT_MAX_CHARS = 500  # fastText sees at most this much text
 _DETECT_TOP_K = 20
+_NOT_WORD = re.compile(r"[^\w\s]")
 # When fastText's top guess is another language with at least this confidence, the text is "not ours".
 _FOREIGN_MIN_SCORE = 0.5
 
@@ -1651,12 +1653,20 @@ def _latin_detector() -> Any:
 
 def _detect_latin(text: str) -> str | None:
     """en/de/it/pt/es/fr for Latin-script text by fastText, or None for another language."""
-    results = _latin_detector().detect(text[:_DETECT_MAX_CHARS], model="lite", k=_DETECT_TOP_K)
-    ours = [result for result in results if result["lang"] in _LATIN_LANGUAGES]
+    # The small model trips over punctuation on very short input ("OK." -> Polish): it votes on the text as written
+    # and on its words alone, and the scores are summed (evaluated on 74 short phrases: never worse than either).
+    detector = _latin_detector()
+    text = text[:_DETECT_MAX_CHARS]
+    votes: dict[str, float] = collections.defaultdict(float)
+    for variant in (text, " ".join(_NOT_WORD.sub(" ", text).split())):
+        for result in detector.detect(variant, model="lite", k=_DETECT_TOP_K):
+            votes[result["lang"]] += result["score"] / 2
+    ranked = sorted(votes, key=votes.__getitem__, reverse=True)
+    ours = [lang for lang in ranked if lang in _LATIN_LANGUAGES]
     if not ours:
         return None
-    if results[0]["lang"] in _LATIN_LANGUAGES or results[0]["score"] < _FOREIGN_MIN_SCORE:
-        return ours[0]["lang"]
+    if ranked[0] in _LATIN_LANGUAGES or votes[ranked[0]] < _FOREIGN_MIN_SCORE:
+        return ours[0]
     return None
 
 
@@ -1976,22 +1986,101 @@ class StreamingDecoder:
 # ---- engine: a job is one request as the engine sees it
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling parameters; rows share a generate() call only when these are equal."""
+    """A request's sampling parameters; None means the model's own default (generation_config.json)."""
 
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
 
-    def generate_kwargs(self) -> dict:
-        kwargs: dict[str, Any] = {}
-        if self.temperature is not None:
-            if self.temperature == 0:
-                kwargs.update(do_sample=False, subtalker_dosample=False)
-            else:
-                kwargs.update(temperature=self.temperature, subtalker_temperature=self.temperature)
-        if self.top_p is not None:
-            kwargs.update(top_p=self.top_p, subtalker_top_p=self.top_p)
-        return kwargs
+    def row_seed(self, segment: int) -> int:
+        """Each segment draws from its own generator: seeded requests are reproducible, others random."""
+        if self.seed is None:
+            return secrets.randbits(63)
+        return (self.seed * 1_000_003 + segment) % 2**63
+
+
+def token_probabilities(scores: torch.Tensor, temperature: torch.Tensor, top_k: int,
+                        top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row sampling distribution: temperature, then top-k, then top-p, as transformers' warpers compute them."""
+    safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = scores / safe.unsqueeze(1)
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    outside = (probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1)
+    scaled = scaled.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return scaled.softmax(dim=-1)
+
+
+def pick_tokens(scores: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row: where the row's uniform draw falls in its cumulative distribution; temperature 0 is
+    greedy. Each row's choice depends only on its own scores, parameters and draw."""
+    cdf = token_probabilities(scores, temperature, top_k, top_p).cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1)).clamp_(max=scores.shape[-1] - 1)
+    return torch.where(temperature <= 0, scores.argmax(dim=-1), index.squeeze(1))
+
+
+class BatchSampler:
+    """Samples every row of a batch with its own parameters and its own random generator, so that a row's audio does
+    not depend on which other rows share its batch (and any requests can share one). generate() itself runs greedy:
+    the hooks hand it one-hot logits of the tokens chosen here, following the library's rules (generation_config
+    defaults, repetition penalty on the first codebook, suppressed control tokens, no end before two frames)."""
+
+    def __init__(self, samplings: list[Sampling], seeds: list[int], defaults: dict, eos_id: int, vocab_size: int,
+                 device: torch.device):
+        def per_row(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def temperature(s: Sampling, sample_key: str, temperature_key: str) -> float:
+            if s.temperature is not None:
+                return s.temperature
+            return float(defaults.get(temperature_key, 0.9)) if defaults.get(sample_key, True) else 0.0
+
+        self.temperature = per_row([temperature(s, "do_sample", "temperature") for s in samplings])
+        self.sub_temperature = per_row([temperature(s, "subtalker_dosample", "subtalker_temperature")
+                                        for s in samplings])
+        self.top_p = per_row([s.top_p if s.top_p is not None else float(defaults.get("top_p", 1.0))
+                              for s in samplings])
+        self.sub_top_p = per_row([s.top_p if s.top_p is not None else float(defaults.get("subtalker_top_p", 1.0))
+                                  for s in samplings])
+        self.top_k = int(defaults.get("top_k", 50))
+        self.sub_top_k = int(defaults.get("subtalker_top_k", 50))
+        self.penalty = float(defaults.get("repetition_penalty", 1.05))
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.eos_id, self.device = eos_id, device
+        self.seen = torch.zeros(len(seeds), vocab_size, dtype=torch.bool, device=device)
+        self.suppressed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.suppressed[vocab_size - 1024:] = True      # control tokens, as Qwen3-TTS's generate() suppresses them
+        self.suppressed[eos_id] = False
+
+    def _uniforms(self) -> torch.Tensor:
+        draws = [torch.rand((), generator=g).item() for g in self.generators]
+        return torch.tensor(draws, dtype=torch.float32).to(self.device, non_blocking=True)
+
+    def first_codes(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The next frame's first code for every row; `step` counts talker calls, the prefill being 0."""
+        scores = logits.float()
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        scores = torch.where(self.seen, penalised, scores).masked_fill(self.suppressed, float("-inf"))
+        if step < 2:
+            scores[:, self.eos_id] = float("-inf")
+        tokens = pick_tokens(scores, self.temperature, self.top_k, self.top_p, self._uniforms())
+        self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        return tokens
+
+    def sub_codes(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next of a frame's 15 further codes for every row."""
+        return pick_tokens(logits.float(), self.sub_temperature, self.sub_top_k, self.sub_top_p, self._uniforms())
+
+
+def force_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Make the last position's logits one-hot, so greedy generate() takes exactly `tokens`."""
+    last = logits[:, -1, :]
+    last.fill_(float("-inf"))
+    last.scatter_(1, tokens.unsqueeze(1).to(last.device), 0.0)
 
 
 class Job:
@@ -2016,6 +2105,7 @@ class Job:
         self.first_audio_at: Optional[float] = None
         self.input_tokens = 0
         self.output_frames = 0
+        self.segment_frames = [0] * len(segments)
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()  # read only on `loop`; a job without a loop is a warm-up
         self._next_segment = 0
@@ -2023,14 +2113,18 @@ class Job:
         self._ended: set[int] = set()
 
     @property
-    def batch_key(self) -> tuple:
-        # A seeded job runs alone, so its audio does not depend on which other requests happened to arrive with it.
-        return (self.model_id, self.sampling.temperature, self.sampling.top_p,
-                self.id if self.sampling.seed is not None else None)
+    def batch_key(self) -> str:
+        # Rows sample with their own parameters and generators (BatchSampler): any jobs of one model can share a batch.
+        return self.model_id
 
     @property
     def over(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+    def remaining_frames(self) -> int:
+        """At most this many frames are still to generate (each unfinished segment may use its whole budget)."""
+        return sum(max(0, self.budgets[seg] - self.segment_frames[seg]) for seg in range(len(self.segments))
+                   if seg not in self._ended)
 
     # -- called on the model thread
     def emit_audio(self, segment: int, pcm: np.ndarray) -> None:
@@ -2091,6 +2185,7 @@ class Row:
         self._pending.append(codes)
         self.frames += 1
         self.job.output_frames += 1
+        self.job.segment_frames[self.segment] += 1
         if len(self._pending) >= self._next_chunk:
             self._flush()
             self._next_chunk = self.job.chunk_frames
@@ -2134,13 +2229,16 @@ class _BatchComplete(Exception):
 
 
 class BatchRun:
-    """One generate() call over several rows. A forward hook on the talker sees every new frame as it is made."""
+    """One generate() call over several rows. Hooks on the talker and its code predictor see every step: they route
+    each finished frame to its row, choose every row's next codes (BatchSampler), and end rows that are done."""
 
-    def __init__(self, rows: list[Row], eos_id: int, on_step: Callable[[], None]):
-        self.rows, self.eos_id, self._on_step = rows, eos_id, on_step
+    def __init__(self, rows: list[Row], sampler: BatchSampler, eos_id: int,
+                 on_step: Callable[[Optional[float]], None]):
+        self.rows, self.sampler, self.eos_id, self._on_step = rows, sampler, eos_id, on_step
         self.steps = 0
+        self._last_step: Optional[float] = None
 
-    def hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+    def talker_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         codes = output.hidden_states[1]        # [batch, 16]: the frame completed in this step; None at prefill
         if codes is not None:
             first = codes[:, 0].tolist()
@@ -2151,19 +2249,24 @@ class BatchRun:
                     row.close("end")
                 else:
                     row.add_frame(codes[i])
-        self.steps += 1
         now = time.monotonic()
         for row in self.rows:
             if not row.closed and (reason := row.stop_reason(now)):
                 row.close(reason)
-        self._on_step()
+        self._on_step(now - self._last_step if self._last_step is not None else None)
+        self._last_step = now
         if all(row.closed for row in self.rows):
             raise _BatchComplete
-        if self.steps > 2:  # generate() forbids end-of-speech for the first two frames (min_new_tokens=2)
-            for i, row in enumerate(self.rows):
-                if row.closed:
-                    output.logits[i, -1, :] = float("-inf")
-                    output.logits[i, -1, self.eos_id] = 0.0
+        tokens = self.sampler.first_codes(output.logits[:, -1, :], self.steps)
+        if self.steps >= 2:  # generate() forbids end-of-speech for the first two frames (min_new_tokens=2)
+            closed = torch.tensor([row.closed for row in self.rows], device=tokens.device)
+            tokens = torch.where(closed, torch.full_like(tokens, self.eos_id), tokens)
+        force_tokens(output.logits, tokens)
+        self.steps += 1
+        return output
+
+    def code_predictor_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        force_tokens(output.logits, self.sampler.sub_codes(output.logits[:, -1, :]))
         return output
 
     def close_all(self) -> None:
@@ -2197,6 +2300,7 @@ class ModelManager:
         self.error: Optional[str] = None
         self.device = self.dtype = self.attention = None
         self.compiled = False
+        self.warmed = False                # loaded and warmed up once: ready to serve (it reloads itself if idle)
         self.load_seconds: Optional[float] = None
         self.last_used = time.monotonic()
 
@@ -2331,7 +2435,7 @@ class Engine:
         self._stopping = False
         self.busy_since: Optional[float] = None      # when the running generate() call started
         self.heartbeat = time.monotonic()            # last sign of life from the model thread
-        self._job_seconds = 5.0                      # moving average of a job's run time, for Retry-After
+        self._step_seconds = 0.1                     # moving average of one generation step, for Retry-After
 
     # -- lifecycle
     def start(self) -> None:
@@ -2370,7 +2474,7 @@ class Engine:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
             if limit and depth >= limit:
-                wait = max(1, min(60, math.ceil(self._job_seconds * depth / self.settings.max_batch_size)))
+                wait = self._retry_after()
                 raise ApiError(503, f"the server is busy: {depth} requests are queued or running "
                                     f"(MAX_QUEUE_DEPTH={limit}); retry in {wait}s", type="server_error",
                                code="queue_full", headers={"Retry-After": str(wait)})
@@ -2460,9 +2564,14 @@ class Engine:
         """The one place a job leaves the queue; called under the lock."""
         with contextlib.suppress(ValueError):
             self._pending.remove(job)
-        if self._active.pop(job.id, None) is not None and job.started_at is not None and job.state == "done":
-            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - job.started_at)
+        self._active.pop(job.id, None)
         self._cond.notify_all()
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the frames still to generate for the jobs in flight, spread
+        over the batch, at the measured time per generation step (budgets are upper bounds, so this errs long)."""
+        frames = sum(job.remaining_frames() for job in self._active.values() if not job.over)
+        return max(1, min(60, math.ceil(self._step_seconds * frames / self.settings.max_batch_size)))
 
     def _seconds_until_idle_unload(self) -> Optional[float]:
         if self.settings.idle_timeout <= 0:
@@ -2486,6 +2595,7 @@ class Engine:
             self.metrics.model_loaded(True)
             if self.settings.warmup:
                 self._warm_up(manager)
+            manager.warmed = True
         return tts
 
     def _warm_up(self, manager: ModelManager) -> None:
@@ -2548,30 +2658,39 @@ class Engine:
     def _generate(self, manager: ModelManager, rows: list[Row]) -> None:
         """One batched generate() call; frames reach each row through the talker's forward hook."""
         tts, info = manager.tts, manager.info
+        talker = tts.model.talker
+        eos_id = tts.model.config.talker_config.codec_eos_token_id
         input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text) for row in rows])
         for row, ids in zip(rows, input_ids, strict=True):
             row.job.input_tokens += max(0, int(ids.shape[-1]) - 8)  # minus the chat template around the text
         instruct_ids = [tts._tokenize_texts([tts._build_instruct_text(row.job.instructions)])[0]
                         if row.job.instructions else None for row in rows]
-        sampling = rows[0].job.sampling
-        kwargs = tts._merge_generate_kwargs(max_new_tokens=max(row.budget for row in rows) + 1,
-                                            **sampling.generate_kwargs())
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        speakers = [row.job.speaker for row in rows] if info.kind == "custom_voice" else None
-        run = BatchRun(rows, tts.model.config.talker_config.codec_eos_token_id, on_step=self._beat)
-        handle = tts.model.talker.register_forward_hook(run.hook, with_kwargs=True)
+        sampler = BatchSampler([row.job.sampling for row in rows],
+                               [row.job.sampling.row_seed(row.segment) for row in rows], tts.generate_defaults,
+                               eos_id, talker.config.vocab_size, talker.device)
+        run = BatchRun(rows, sampler, eos_id, on_step=self._beat)
+        hooks = [talker.register_forward_hook(run.talker_hook, with_kwargs=True),
+                 talker.code_predictor.register_forward_hook(run.code_predictor_hook, with_kwargs=True)]
         try:
-            tts.model.generate(input_ids=input_ids, instruct_ids=instruct_ids, speakers=speakers,
-                               languages=[row.job.language for row in rows], non_streaming_mode=True, **kwargs)
+            # Greedy over the one-hot logits the hooks write: the sampling happened in BatchSampler.
+            tts.model.generate(
+                input_ids=input_ids, instruct_ids=instruct_ids,
+                speakers=[row.job.speaker for row in rows] if info.kind == "custom_voice" else None,
+                languages=[row.job.language for row in rows], non_streaming_mode=True,
+                max_new_tokens=max(row.budget for row in rows) + 1, do_sample=False, top_k=50, top_p=1.0,
+                temperature=1.0, repetition_penalty=1.0, subtalker_dosample=False, subtalker_top_k=50,
+                subtalker_top_p=1.0, subtalker_temperature=1.0)
         except _BatchComplete:
             pass
         finally:
-            handle.remove()
+            for hook in hooks:
+                hook.remove()
         run.close_all()
 
-    def _beat(self) -> None:
+    def _beat(self, step_seconds: Optional[float]) -> None:
         self.heartbeat = time.monotonic()
+        if step_seconds is not None:
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * step_seconds
 
     @staticmethod
     def _generation_error(exc: BaseException) -> ApiError:
@@ -3442,9 +3561,10 @@ def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
 
 
 class ApiKeyMiddleware:
-    """With API_KEY set, every endpoint but /health needs `Authorization: Bearer <key>` (WebSocket: or ?api_key=)."""
+    """With API_KEY set, every endpoint but /health and /ready needs `Authorization: Bearer <key>` (WebSocket: or
+    ?api_key=)."""
 
-    OPEN_PATHS = ("/health",)
+    OPEN_PATHS = ("/health", "/ready")
 
     def __init__(self, app: Any, api_key: str):
         self.app, self.api_key = app, api_key.encode()
@@ -3578,6 +3698,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/health", summary="Liveness and state; always 200")
     async def health() -> dict:
         return server.health()
+
+    @app.get("/ready", summary="Readiness for orchestrators: 200 once the model has loaded and warmed up")
+    async def ready() -> JSONResponse:
+        manager = server.engine.manager()
+        is_ready = manager.warmed and manager.state != "failed"
+        body = {"ready": is_ready, "model_state": manager.state, "model_error": manager.error}
+        return JSONResponse(body, status_code=200 if is_ready else 503)
 
     @app.post("/cache/clear", summary="Empty the audio cache")
     async def cache_clear() -> dict:
@@ -3791,28 +3918,55 @@ def configure_logging(settings: Settings) -> None:
 
 
 # ---- main
+def check_tls_files(settings: Settings) -> None:
+    """SSL_KEYFILE and SSL_CERTFILE must exist and form a usable pair; SettingsError says which and why."""
+    import ssl
+
+    for path, name in ((settings.ssl_keyfile, "SSL_KEYFILE"), (settings.ssl_certfile, "SSL_CERTFILE")):
+        if not os.path.isfile(path):
+            raise SettingsError(f"{name}={path} does not exist")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(f"SSL_CERTFILE={settings.ssl_certfile} and SSL_KEYFILE={settings.ssl_keyfile} cannot be "
+                            f"used together: {exc}") from None
+
+
+def serve_tls(app: FastAPI, settings: Settings) -> None:
+    """HTTPS with HTTP/2 (and HTTP/1.1) negotiated by ALPN, through Hypercorn: uvicorn speaks only HTTP/1.1."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"unix:{settings.unix_socket_path}" if settings.unix_socket_path
+                   else f"{settings.host}:{settings.port}"]
+    config.certfile, config.keyfile = settings.ssl_certfile, settings.ssl_keyfile
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.accesslog = None
+    config.graceful_timeout = 10
+    logger.info("serving HTTPS (HTTP/2 and HTTP/1.1) on {}", config.bind[0])
+    asyncio.run(serve(app, config))
+
+
 def main() -> None:
+    """Serve on TCP or a Unix socket (UNIX_SOCKET_PATH); with SSL_KEYFILE/SSL_CERTFILE, HTTPS with HTTP/2."""
     import uvicorn
 
     try:
         settings = load_settings()
+        if settings.ssl_keyfile:
+            check_tls_files(settings)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings)
-    for path, name in ((settings.ssl_keyfile, "SSL_KEYFILE"), (settings.ssl_certfile, "SSL_CERTFILE")):
-        if path and not os.path.isfile(path):
-            print(f"configuration error: {name}={path} does not exist", file=sys.stderr)
-            sys.exit(2)
     app = create_app(settings)
-    options: dict[str, Any] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 10}
-    if settings.unix_socket_path:
-        options["uds"] = settings.unix_socket_path
-    else:
-        options.update(host=settings.host, port=settings.port)
     if settings.ssl_keyfile:
-        options.update(ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile)
-    uvicorn.run(app, **options)
+        serve_tls(app, settings)
+        return
+    where = {"uds": settings.unix_socket_path} if settings.unix_socket_path else {"host": settings.host,
+                                                                                   "port": settings.port}
+    uvicorn.run(app, log_config=None, access_log=False, timeout_graceful_shutdown=10, **where)
 
 
 if __name__ == "__main__":

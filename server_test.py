@@ -222,6 +222,7 @@ def test_streaming_decode_equals_the_one_shot_decode(tiny_model, chunks):
 
 # ---- jobs and the engine, on the real tiny model
 def make_job(loop, segments=("Hello there.",), budgets=(12,), **kw) -> Job:
+    """A job as Synthesis makes one; loop None makes a job whose events go nowhere."""
     defaults = dict(model_id="m", speaker="vivian", language="english", instructions=None, sampling=Sampling(seed=1),
                     first_chunk_frames=4, chunk_frames=4, timeout=60, loop=loop)
     defaults.update(kw)
@@ -319,17 +320,80 @@ def test_a_full_queue_refuses_with_retry_after(engine, tiny_dir):
     assert error.status == 503 and int(error.headers["Retry-After"]) >= 1 and error.code == "queue_full"
 
 
-def test_seeded_jobs_are_reproducible_and_run_alone(engine, tiny_dir):
-    async def run_one():
-        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(8,), sampling=Sampling(seed=42))
-        other = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(8,), sampling=Sampling())
+def test_batched_output_equals_unbatched_output_for_the_same_seed(engine, tiny_dir):
+    async def alone():
+        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42))
         engine.submit(job)
-        engine.submit(other)
-        chunks, _ = await asyncio.gather(drain(job), drain(other))
-        return np.concatenate(chunks)
+        return np.concatenate(await drain(job))
 
-    first, second = asyncio.run(run_one()), asyncio.run(run_one())
-    np.testing.assert_array_equal(first, second)
+    async def in_a_batch():
+        loop = asyncio.get_running_loop()
+        jobs = [make_job(loop, model_id=tiny_dir, segments=("Another, longer text.",), budgets=(30,),
+                         speaker="ryan", sampling=Sampling(temperature=0.6, top_p=0.8)),
+                make_job(loop, model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42)),
+                make_job(loop, model_id=tiny_dir, segments=("Third.",), budgets=(12,), speaker="sohee",
+                         sampling=Sampling(seed=7, temperature=1.3))]
+        for job in jobs:
+            engine.submit(job)
+        results = await asyncio.gather(*(drain(job) for job in jobs))
+        return np.concatenate(results[1])
+
+    reference = asyncio.run(alone())
+    batched = asyncio.run(in_a_batch())
+    np.testing.assert_array_equal(batched, reference)      # batching changes speed, not audio
+
+
+def test_unseeded_requests_differ():
+    assert Sampling().row_seed(0) != Sampling().row_seed(0)
+    assert Sampling(seed=1).row_seed(0) == Sampling(seed=1).row_seed(0) != Sampling(seed=1).row_seed(1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.9, 50, 1.0), (0.7, 50, 0.8), (1.3, 5, 0.5),
+                                                       (1.0, 0, 0.95), (0.5, 3000, 1.0)])
+def test_sampling_distribution_matches_the_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = torch.randn(3, 3072, generator=torch.Generator().manual_seed(0)) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = warpers(None, scores.clone()).softmax(-1)
+    ours = server.token_probabilities(scores, torch.full((3,), temperature), top_k, torch.full((3,), top_p))
+    torch.testing.assert_close(ours, expected)
+
+
+def test_pick_tokens_follows_each_rows_distribution_and_greedy_rows_take_the_maximum():
+    scores = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])).repeat(2, 1)
+    temperature = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4, 3)
+    for _ in range(4000):
+        tokens = server.pick_tokens(scores, temperature, 0, torch.ones(4), torch.rand(4, generator=generator))
+        counts[torch.arange(4), tokens] += 1
+    frequencies = counts / 4000
+    torch.testing.assert_close(frequencies[0], torch.tensor([0.1, 0.2, 0.7]), atol=0.03, rtol=0)
+    torch.testing.assert_close(frequencies[1], torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
+    assert frequencies[2].tolist() == [0, 0, 1] and frequencies[3].tolist() == [1, 0, 0]
+
+
+def test_batch_sampler_keeps_the_librarys_rules():
+    eos, vocab = 2150, 3072
+    sampler = server.BatchSampler([Sampling(seed=1), Sampling(seed=2)], [1, 2], {"repetition_penalty": 1.05},
+                                  eos, vocab, torch.device("cpu"))
+    favour_eos = torch.full((2, vocab), -5.0)
+    favour_eos[:, eos] = 50.0
+    favour_eos[:, 3000] = 60.0                     # a control token: suppressed even though it is the best
+    for step in range(2):                          # no end of speech before two frames
+        assert eos not in sampler.first_codes(favour_eos, step).tolist()
+    assert sampler.first_codes(favour_eos, 2).tolist() == [eos, eos]
+    assert sampler.seen[:, eos].all()              # chosen tokens are remembered for the repetition penalty
+    codes = sampler.sub_codes(torch.randn(2, 2048))
+    assert codes.shape == (2,) and int(codes.max()) < 2048
 
 
 def test_a_job_past_its_deadline_times_out(engine, tiny_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import time
@@ -156,6 +157,35 @@ def test_health_answers_while_a_synthesis_runs(url, http):
     thread.join()
     assert result["r"].status_code == 200
     assert seen_busy, "/health never answered while the synthesis was running"
+
+
+def batch_count(http) -> float:
+    metrics = http.get("/metrics").text
+    return float(re.search(r"^tts_batch_size_count (\S+)$", metrics, re.M).group(1))
+
+
+def test_batching_changes_speed_not_audio(url, http):
+    body = {"input": "Batch me, please.", "voice": "nova", "response_format": "pcm", "seed": 21}
+    http.post("/cache/clear")
+    alone = http.post("/v1/audio/speech", json=body).content
+    http.post("/cache/clear")
+    others = [{"input": "A different request.", "voice": "echo", "response_format": "pcm", "temperature": 0.5},
+              {"input": "Yet another.", "voice": "sohee", "response_format": "wav", "seed": 3, "top_p": 0.7}]
+    results: dict = {}
+
+    def send(name, b):
+        with httpx.Client(base_url=url, timeout=120) as c:
+            results[name] = c.post("/v1/audio/speech", json=b)
+
+    before = batch_count(http)
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate([body, *others])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results.values())
+    assert batch_count(http) - before < 3, "the three requests did not share a generate call"
+    assert results[0].content == alone
 
 
 def test_concurrent_requests_all_succeed_and_release_their_slots(url, http):
