@@ -8,6 +8,15 @@ scripts/install.sh --dev
 py=.venv/bin/python
 $py tools/build_tiny_checkpoints.py
 
+echo "== lint: shell scripts (shellcheck), Dockerfile (hadolint), docker-compose.yml (the Compose schema)"
+if command -v shellcheck >/dev/null 2>&1; then
+  shellcheck docker-entrypoint.sh run.sh test.sh scripts/install.sh E2Etest/run_tests.sh test_quick.sh .ci/run
+else
+  echo "warning: shellcheck is not installed (scripts/install.sh installs it as root): shell scripts not linted" >&2
+fi
+.venv/bin/hadolint Dockerfile
+.venv/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
 echo "== unit tests"
 $py -m pytest server_test.py -q
 
@@ -21,6 +30,7 @@ MODEL_ID=build/checkpoints/tiny-0.6B-CustomVoice HOST=127.0.0.1 PORT=$port PRELO
   $py server.py >"$log" 2>&1 &
 pid=$!
 # Keep the script's own exit status: the trap's `wait` would otherwise report the killed server's 143.
+status=0
 trap 'status=$?; kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -f "$log"; exit $status' EXIT
 for _ in $(seq 1 300); do
   curl -fsS "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"model_state":"ready"' && break

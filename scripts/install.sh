@@ -13,6 +13,12 @@ python=${PYTHON:-python3}
 missing=()
 command -v sox >/dev/null 2>&1 || missing+=(sox)
 $dev && { command -v curl >/dev/null 2>&1 || missing+=(curl); }
+# For the tests of the deployment files: shellcheck lints the shell scripts; openssl makes a test certificate;
+# libjemalloc2 is what docker-entrypoint.sh preloads in the image, so the tests run it the same way.
+$dev && { command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck); }
+$dev && { command -v openssl >/dev/null 2>&1 || missing+=(openssl); }
+libs=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
+$dev && { grep -q libjemalloc.so.2 <<<"$libs" || missing+=(libjemalloc2); }
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages: ${missing[*]}"
