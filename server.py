@@ -114,6 +114,9 @@ class Settings:
     """The server's configuration; see the README for each variable."""
 
     model_id: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
+    base_model_id: str = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+    voice_design_model_id: str = "Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign"
+    data_dir: str = "data"
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str = ""
@@ -151,6 +154,10 @@ def load_settings(env: Optional[dict] = None) -> Settings:
     env = dict(os.environ if env is None else env)
     s = Settings(
         model_id=_env_str(env, "MODEL_ID", Settings.model_id) or Settings.model_id,
+        base_model_id=_env_str(env, "BASE_MODEL_ID", Settings.base_model_id) or Settings.base_model_id,
+        voice_design_model_id=(_env_str(env, "VOICE_DESIGN_MODEL_ID", Settings.voice_design_model_id)
+                               or Settings.voice_design_model_id),
+        data_dir=_env_str(env, "DATA_DIR", Settings.data_dir) or Settings.data_dir,
         host=_env_str(env, "HOST", Settings.host) or Settings.host,
         port=_env_number(env, "PORT", Settings.port, 1, 65535),
         api_key=_env_str(env, "API_KEY", ""),
@@ -1893,6 +1900,302 @@ def resolve_language(requested: Optional[str], text: str, model_languages: set[s
     return name, iso
 
 
+# ---- voices: custom (cloned) voices, their reference audio, prompts and store
+MAX_UPLOAD_BYTES = 10 * 2**20          # OpenAI's limit for consent recordings and voice samples
+REFERENCE_MIN_SECONDS = 2.0            # Qwen3-TTS clones from about 3 s; shorter references are too little voice
+REFERENCE_MAX_SECONDS = 60.0           # the reference is part of every request's prompt: keep it bounded
+SILENCE_RMS = 1e-3                     # -60 dBFS
+DESIGN_SCRIPTS = {
+    # What a designed voice reads to become a clone reference, per language (OpenAI's script_hint overrides it).
+    "en": "Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read for you.",
+    "zh": "你好！这是我的声音。我说话清楚自然，语速适中，很高兴为你朗读。",
+    "de": "Hallo! Das ist meine Stimme. Ich spreche klar und natürlich, in ruhigem Tempo, und lese gern für dich.",
+    "fr": "Bonjour ! Voici ma voix. Je parle clairement et naturellement, à un rythme tranquille.",
+    "es": "¡Hola! Esta es mi voz. Hablo con claridad y naturalidad, a un ritmo tranquilo.",
+    "it": "Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
+    "pt": "Olá! Esta é a minha voz. Falo de forma clara e natural, num ritmo tranquilo.",
+    "ja": "こんにちは。これは私の声です。はっきりと自然に、落ち着いた速さで話します。",
+    "ko": "안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
+    "ru": "Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
+}
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """What the Base model needs to speak in a cloned voice: the reference's speaker embedding, and for in-context
+    cloning (when the reference's transcript is known) its codec frames and text."""
+
+    spk_embedding: torch.Tensor
+    ref_code: Optional[torch.Tensor] = None        # [frames, 16]; None: x-vector-only cloning
+    ref_text: Optional[str] = None
+
+    @property
+    def icl(self) -> bool:
+        return self.ref_code is not None
+
+    @classmethod
+    def from_item(cls, item: Any) -> VoicePrompt:
+        """From qwen_tts's VoiceClonePromptItem, moved to the CPU (prompts are stored and cached there)."""
+        return cls(spk_embedding=item.ref_spk_embedding.detach().float().cpu(),
+                   ref_code=item.ref_code.detach().cpu() if item.icl_mode and item.ref_code is not None else None,
+                   ref_text=item.ref_text if item.icl_mode else None)
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"spk_embedding": self.spk_embedding.contiguous()}
+        if self.ref_code is not None:
+            tensors["ref_code"] = self.ref_code.contiguous()
+        save_file(tensors, path, metadata={"ref_text": self.ref_text or ""})
+
+    @classmethod
+    def load(cls, path: str) -> VoicePrompt:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            ref_text = f.metadata().get("ref_text") or None
+            ref_code = f.get_tensor("ref_code") if "ref_code" in f.keys() else None  # noqa: SIM118
+            return cls(spk_embedding=f.get_tensor("spk_embedding"), ref_code=ref_code,
+                       ref_text=ref_text if ref_code is not None else None)
+
+
+def compute_voice_prompt(tts: Any, audio: np.ndarray, ref_text: Optional[str]) -> VoicePrompt:
+    """On the model thread: encode a 24 kHz reference with the Base model's speech tokenizer and speaker encoder."""
+    items = tts.create_voice_clone_prompt(ref_audio=(audio, SAMPLE_RATE), ref_text=ref_text,
+                                          x_vector_only_mode=not ref_text)
+    return VoicePrompt.from_item(items[0])
+
+
+def reference_audio(data: bytes, param: str) -> np.ndarray:
+    """Uploaded reference audio -> 24 kHz mono float32, or a 413/400 that says what is wrong with it."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"'{param}' is {len(data) / 2**20:.1f} MiB; the limit is 10 MiB", param=param,
+                       code="file_too_large")
+    if not data:
+        raise ApiError(400, f"'{param}' is empty", param=param, code="invalid_audio")
+    try:
+        pcm, rate = decode_audio(data)
+    except ValueError as exc:
+        raise ApiError(400, f"'{param}' is not audio this server can read ({exc}); send wav, mp3, ogg, opus, flac, "
+                            "aac, m4a or webm", param=param, code="invalid_audio") from None
+    seconds = pcm.size / rate if rate else 0.0
+    if seconds < REFERENCE_MIN_SECONDS:
+        raise ApiError(400, f"'{param}' is too short: {seconds:.2f}s; at least {REFERENCE_MIN_SECONDS:g}s of speech "
+                            "is needed (5 to 20 s works best)", param=param, code="audio_too_short")
+    if seconds > REFERENCE_MAX_SECONDS:
+        raise ApiError(400, f"'{param}' is too long: {seconds:.1f}s; at most {REFERENCE_MAX_SECONDS:g}s",
+                       param=param, code="audio_too_long")
+    if float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) < SILENCE_RMS:
+        raise ApiError(400, f"'{param}' is silent", param=param, code="audio_silent")
+    if rate != SAMPLE_RATE:
+        pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return pcm
+
+
+class PromptCache:
+    """LRU of voice-clone prompts (VOICE_CACHE_MAX): a repeated reference or a stored voice is encoded only once."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[str, VoicePrompt] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Optional[VoicePrompt]:
+        with self._lock:
+            prompt = self._entries.get(key)
+            if prompt is not None:
+                self.hits += 1
+                self._entries.move_to_end(key)
+            return prompt
+
+    def put(self, key: str, prompt: VoicePrompt) -> None:
+        with self._lock:
+            if self.max_entries <= 0:
+                return
+            self._entries[key] = prompt
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> int:
+        with self._lock:
+            count = len(self._entries)
+            self._entries.clear()
+            return count
+
+
+class VoiceStore:
+    """Consent recordings and custom voices: rows in SQLite, files under DATA_DIR.
+
+    A create writes its files into staging/, then commits the row and renames the folder into place in one
+    transaction; a delete commits first and removes the files after. Opening the store removes whatever a crash left
+    half done (staging folders, folders without a row, rows without their files), so no half voice survives.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS consents (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, language TEXT NOT NULL, created_at INTEGER NOT NULL,
+            file TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS voices (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE, type TEXT NOT NULL, consent_id TEXT,
+            language TEXT, description TEXT, ref_text TEXT, created_at INTEGER NOT NULL);
+    """
+
+    def __init__(self, root: str):
+        import sqlite3
+
+        self.root = os.path.abspath(root)
+        for sub in ("voices", "consents", "staging"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(os.path.join(self.root, "voices.db"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(self.SCHEMA)
+        self._recover()
+
+    # -- paths
+    def voice_dir(self, voice_id: str) -> str:
+        return os.path.join(self.root, "voices", voice_id)
+
+    def prompt_path(self, voice_id: str) -> str:
+        return os.path.join(self.voice_dir(voice_id), "prompt.safetensors")
+
+    # -- consents
+    def add_consent(self, name: str, language: str, recording: bytes, extension: str) -> dict:
+        consent_id = "cons_" + uuid.uuid4().hex[:24]
+        filename = "recording" + extension
+
+        def write(folder: str) -> None:
+            _write_file(os.path.join(folder, filename), recording)
+
+        row = {"id": consent_id, "name": name, "language": language, "created_at": int(time.time()),
+               "file": filename}
+        self._create("consents", row, write)
+        return row
+
+    def consents(self) -> list[dict]:
+        return self._rows("SELECT * FROM consents ORDER BY created_at, id")
+
+    def consent(self, consent_id: str) -> Optional[dict]:
+        rows = self._rows("SELECT * FROM consents WHERE id = ?", consent_id)
+        return rows[0] if rows else None
+
+    def rename_consent(self, consent_id: str, name: str) -> Optional[dict]:
+        with self._lock:
+            self._db.execute("UPDATE consents SET name = ? WHERE id = ?", (name, consent_id))
+        return self.consent(consent_id)
+
+    def delete_consent(self, consent_id: str) -> bool:
+        users = self._rows("SELECT name FROM voices WHERE consent_id = ?", consent_id)
+        if users:
+            raise ApiError(409, f"consent {consent_id} is used by the voices {', '.join(r['name'] for r in users)}; "
+                                "delete them first", param="consent_id", code="consent_in_use")
+        return self._delete("consents", consent_id)
+
+    # -- voices
+    def add_voice(self, *, name: str, kind: str, consent_id: Optional[str], language: Optional[str],
+                  description: Optional[str], prompt: VoicePrompt, sample: np.ndarray) -> dict:
+        voice_id = "voice_" + uuid.uuid4().hex[:24]
+
+        def write(folder: str) -> None:
+            prompt.save(os.path.join(folder, "prompt.safetensors"))
+            _write_file(os.path.join(folder, "sample.wav"), _wav_bytes(sample))
+
+        row = {"id": voice_id, "name": name, "type": kind, "consent_id": consent_id, "language": language,
+               "description": description, "ref_text": prompt.ref_text, "created_at": int(time.time())}
+        self._create("voices", row, write)
+        return row
+
+    def voices(self) -> list[dict]:
+        return self._rows("SELECT * FROM voices ORDER BY created_at, id")
+
+    def voice(self, id_or_name: str) -> Optional[dict]:
+        rows = self._rows("SELECT * FROM voices WHERE id = ? OR name = ? COLLATE NOCASE", id_or_name, id_or_name)
+        return rows[0] if rows else None
+
+    def delete_voice(self, voice_id: str) -> bool:
+        return self._delete("voices", voice_id)
+
+    # -- the all-or-nothing mechanics
+    def _rows(self, sql: str, *args: Any) -> list[dict]:
+        with self._lock:
+            return [dict(row) for row in self._db.execute(sql, args).fetchall()]
+
+    def _create(self, table: str, row: dict, write: Callable[[str], None]) -> None:
+        import sqlite3
+
+        staging = os.path.join(self.root, "staging", row["id"])
+        os.makedirs(staging)
+        try:
+            write(staging)
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    columns = ", ".join(row)
+                    self._db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
+                                     tuple(row.values()))
+                    os.rename(staging, os.path.join(self.root, table, row["id"]))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.IntegrityError:
+            raise ApiError(409, f"a voice named {row['name']!r} exists already", param="name",
+                           code="voice_name_taken") from None
+        finally:
+            _remove_tree(staging)
+
+    def _delete(self, table: str, item_id: str) -> bool:
+        with self._lock:
+            deleted = self._db.execute(f"DELETE FROM {table} WHERE id = ?", (item_id,)).rowcount > 0
+        _remove_tree(os.path.join(self.root, table, item_id))
+        return deleted
+
+    def _recover(self) -> None:
+        for leftover in os.listdir(os.path.join(self.root, "staging")):
+            _remove_tree(os.path.join(self.root, "staging", leftover))
+        for table, required in (("consents", None), ("voices", "prompt.safetensors")):
+            ids = {row["id"] for row in self._rows(f"SELECT id FROM {table}")}
+            folder = os.path.join(self.root, table)
+            for name in os.listdir(folder):
+                if name not in ids:
+                    logger.warning("removing {}/{}: no row refers to it (an interrupted create or delete)", table, name)
+                    _remove_tree(os.path.join(folder, name))
+            for item_id in ids:
+                path = os.path.join(folder, item_id, required) if required else os.path.join(folder, item_id)
+                if not os.path.exists(path):
+                    logger.warning("removing {} {}: its files are missing", table, item_id)
+                    self._delete(table, item_id)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _wav_bytes(pcm: np.ndarray) -> bytes:
+    encoder = AudioEncoder("wav", SAMPLE_RATE, streaming=False)
+    return encoder.encode(pcm) + encoder.finish()
+
+
 # ---- engine: what a model can do, read from its configuration before it is loaded
 @dataclass(frozen=True)
 class ModelInfo:
@@ -1944,11 +2247,12 @@ class StreamingDecoder:
     """Decodes codec frames as they arrive; the output equals the one-shot decode of all frames.
 
     The speech tokenizer's decoder is a causal stack: a 3-tap convolution, a sliding-window transformer (72 frames),
-    then upsampling convolutions whose receptive field spans less than CONTEXT_FRAMES frames. New frames run through
-    the transformer with its key/value cache, and through the convolutions with CONTEXT_FRAMES frames of context.
+    then upsampling convolutions whose receptive field is 10 frames (ConvNeXt blocks at 25 and 50 Hz, then dilated
+    residual units; measured: 9 frames of context leave a 2e-3 error, 10 match to float precision). New frames run
+    through the transformer with its key/value cache, and through the convolutions with CONTEXT_FRAMES of context.
     """
 
-    CONTEXT_FRAMES = 12
+    CONTEXT_FRAMES = 10
 
     def __init__(self, speech_tokenizer_model: Any):
         from transformers.cache_utils import DynamicCache
@@ -1960,11 +2264,28 @@ class StreamingDecoder:
         self._codes: Optional[torch.Tensor] = None               # [1, 16, <= conv_context] recent codes
         self._latent: Optional[torch.Tensor] = None              # [1, <= CONTEXT_FRAMES + n, C] recent latents
 
+    def prime(self, codes: torch.Tensor) -> None:
+        """Take in frames that precede the audio to decode (a cloned voice's reference) without producing audio,
+        as the library's decode of reference + new frames does: the new audio continues the reference's."""
+        self._advance(codes)
+
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """codes [n, 16] -> float32 PCM of n * 1920 samples."""
         dec = self._decoder
-        new = codes.T.unsqueeze(0).long()                                       # [1, 16, n]
-        n = new.shape[-1]
+        latent = self._advance(codes)
+        x = latent.permute(0, 2, 1)
+        for blocks in dec.upsample:
+            for block in blocks:
+                x = block(x)
+        for block in dec.decoder:
+            x = block(x)
+        wav = x.clamp(min=-1, max=1)[0, 0, -codes.shape[0] * self._upsample:]
+        return wav.float().cpu().numpy()
+
+    def _advance(self, codes: torch.Tensor) -> torch.Tensor:
+        """Run new frames through the quantizer, first convolution and transformer; -> their latents with context."""
+        dec = self._decoder
+        new = codes.T.unsqueeze(0).long().to(next(dec.parameters()).device)    # [1, 16, n]
         context = self._codes if self._codes is not None else new[..., :0]
         window = torch.cat([context, new], dim=-1)
         hidden = dec.pre_conv(dec.quantizer.decode(window))[..., context.shape[-1]:].transpose(1, 2)
@@ -1973,14 +2294,7 @@ class StreamingDecoder:
         self._codes = window[..., -self._conv_context:] if self._conv_context else None
         latent = hidden if self._latent is None else torch.cat([self._latent, hidden], dim=1)
         self._latent = latent[:, -self.CONTEXT_FRAMES:]
-        x = latent.permute(0, 2, 1)
-        for blocks in dec.upsample:
-            for block in blocks:
-                x = block(x)
-        for block in dec.decoder:
-            x = block(x)
-        wav = x.clamp(min=-1, max=1)[0, 0, -n * self._upsample:]
-        return wav.float().cpu().numpy()
+        return latent
 
 
 # ---- engine: a job is one request as the engine sees it
@@ -2088,11 +2402,13 @@ class Job:
 
     def __init__(self, *, model_id: str, segments: list[str], budgets: list[int], speaker: Optional[str],
                  language: str, instructions: Optional[str], sampling: Sampling, first_chunk_frames: int,
-                 chunk_frames: int, timeout: float, loop: Optional[asyncio.AbstractEventLoop], internal: bool = False):
+                 chunk_frames: int, timeout: float, loop: Optional[asyncio.AbstractEventLoop], internal: bool = False,
+                 voice_prompt: Optional[VoicePrompt] = None):
         assert segments and len(segments) == len(budgets)
         self.id = uuid.uuid4().hex[:12]
         self.model_id, self.segments, self.budgets = model_id, segments, budgets
         self.speaker, self.language, self.instructions, self.sampling = speaker, language, instructions, sampling
+        self.voice_prompt = voice_prompt  # a cloned voice (Base model); None for built-in speakers
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.internal = internal          # the server's own job (warm-up): not a client's request
         self.created = time.monotonic()
@@ -2171,6 +2487,8 @@ class Row:
 
     def __init__(self, job: Job, segment: int, decoder: Optional[StreamingDecoder]):
         self.job, self.segment, self.decoder = job, segment, decoder
+        if decoder is not None and job.voice_prompt is not None and job.voice_prompt.icl:
+            decoder.prime(job.voice_prompt.ref_code)
         self.budget = job.budgets[segment]
         self.frames = 0
         self.closed = False
@@ -2280,12 +2598,15 @@ class ModelUnavailable(Exception):
 
 
 def _release_memory() -> None:
-    """Give freed memory back: the CUDA caching allocator's blocks and glibc's arenas."""
+    """Give freed memory back: the CUDA caching allocator's blocks, and the C allocator's free pages (glibc's
+    malloc_trim; under jemalloc, as the Docker image preloads it, a purge of all arenas)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallctl(b"arena.4096.purge", None, None, None, 0)   # 4096 = MALLCTL_ARENAS_ALL
 
 
 class ModelManager:
@@ -2298,7 +2619,7 @@ class ModelManager:
         self.info: Optional[ModelInfo] = None
         self.state = "unloaded"            # unloaded | loading | ready | failed
         self.error: Optional[str] = None
-        self.device = self.dtype = self.attention = None
+        self.device = self.dtype = self.attention = self.codec_dtype = None
         self.compiled = False
         self.warmed = False                # loaded and warmed up once: ready to serve (it reloads itself if idle)
         self.load_seconds: Optional[float] = None
@@ -2315,8 +2636,8 @@ class ModelManager:
 
     def snapshot(self) -> dict:
         return {"model_id": self.model_id, "state": self.state, "error": self.error, "device": self.device,
-                "dtype": self.dtype, "attention": self.attention, "compiled": self.compiled,
-                "load_seconds": self.load_seconds}
+                "dtype": self.dtype, "codec_dtype": self.codec_dtype, "attention": self.attention,
+                "compiled": self.compiled, "load_seconds": self.load_seconds}
 
     def ensure_loaded(self) -> Any:
         if self.tts is not None:
@@ -2357,6 +2678,11 @@ class ModelManager:
         tts = Qwen3TTSModel.from_pretrained(self.model_id, device_map=device, dtype=getattr(torch, dtype),
                                             attn_implementation=attention)
         tts.model.eval()
+        if not device.startswith("cuda") and dtype != "float32":
+            # On CPUs the codec's convolutions run 20x slower in bfloat16 than in float32 (37 frames: 176 s vs 8 s
+            # with this PyTorch build), while the talker runs 4x faster in bfloat16: keep the codec in float32.
+            tts.model.speech_tokenizer.model.float()
+        self.codec_dtype = str(next(tts.model.speech_tokenizer.model.parameters()).dtype).removeprefix("torch.")
         eos = tts.model.config.talker_config.codec_eos_token_id
         for part in (tts.model.talker, tts.model.talker.code_predictor):
             part.generation_config.pad_token_id = eos  # what generate() assumes anyway, minus a warning per call
@@ -2377,7 +2703,7 @@ class ModelManager:
             return self.settings.dtype
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16"  # on CPUs too: about twice as fast as float32 for this model (FACTS.md measurements)
+        return "bfloat16"  # on CPUs too: the talker runs about 4x faster than in float32 (the codec stays float32)
 
     def _pick_attention(self, device: str, dtype: str) -> str:
         import importlib.util
@@ -2422,6 +2748,27 @@ class ModelManager:
 
 
 # ---- engine: the scheduler (queue, batching, cancellation, timeouts) and the one model thread
+@dataclass
+class ModelTask:
+    """A call to run on the model thread with a loaded model (e.g. computing a voice-clone prompt)."""
+
+    model_id: str
+    fn: Callable[[Any], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, result: Any, error: Optional[BaseException]) -> None:
+        def resolve() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(resolve)
+
+
 class Engine:
     """Admits jobs, batches compatible ones into one generate() call, and runs every model call on one thread."""
 
@@ -2430,6 +2777,7 @@ class Engine:
         self.models: dict[str, ModelManager] = {settings.model_id: ModelManager(settings.model_id, settings)}
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
+        self._tasks: collections.deque[ModelTask] = collections.deque()
         self._active: dict[str, Job] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -2482,6 +2830,21 @@ class Engine:
             self._pending.append(job)
             self._cond.notify_all()
 
+    async def call(self, model_id: str, fn: Callable[[Any], Any], timeout: float) -> Any:
+        """Run fn(model) on the model thread, once the model is loaded, before the next batch; return its result."""
+        loop = asyncio.get_running_loop()
+        task = ModelTask(model_id, fn, loop.create_future(), loop)
+        with self._cond:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self._tasks.append(task)
+            self._cond.notify_all()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task.future), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the model did not answer within {timeout:g}s", type="server_error",
+                           code="timeout") from None
+
     def cancel(self, job: Job) -> None:
         """The client is gone: stop the job's GPU work within a frame and release everything it holds."""
         with self._cond:
@@ -2498,23 +2861,30 @@ class Engine:
         if self.settings.preload_model:
             with contextlib.suppress(ModelUnavailable):
                 self._load(self.manager())
+        else:
+            with contextlib.suppress(Exception):
+                import qwen_tts  # noqa: F401 - a few seconds the first request would otherwise wait for
         while True:
-            rows = self._next_rows()
-            if rows is None:
+            work = self._next_rows()
+            if work is None:
                 break
-            if rows:
-                self._run_rows(rows)
+            if isinstance(work, ModelTask):
+                self._run_task(work)
+            elif work:
+                self._run_rows(work)
             else:
                 self._unload_idle()
         for manager in list(self.models.values()):
             manager.unload()
 
-    def _next_rows(self) -> Optional[list[tuple[Job, int]]]:
-        """Wait for work; [] means 'check for idle models', None means 'stop'."""
+    def _next_rows(self) -> Optional[Union[list[tuple[Job, int]], ModelTask]]:
+        """Wait for work: a task, rows of a batch, [] ('check for idle models'), or None ('stop')."""
         with self._cond:
             while True:
                 if self._stopping:
                     return None
+                if self._tasks:
+                    return self._tasks.popleft()
                 self._drop_dead_jobs()
                 if self._pending:
                     break
@@ -2646,6 +3016,22 @@ class Engine:
                     if job.over and job.running_rows == 0:
                         self._release(job)
 
+    def _run_task(self, task: ModelTask) -> None:
+        manager = self.manager(task.model_id)
+        try:
+            self._load(manager)
+            with torch.inference_mode():
+                result = task.fn(manager.tts)
+            manager.last_used = time.monotonic()
+            task.settle(result, None)
+        except ModelUnavailable as exc:
+            task.settle(None, ApiError(503, str(exc), type="server_error", code="model_unavailable",
+                                       headers={"Retry-After": "5"}))
+        except ApiError as exc:
+            task.settle(None, exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            task.settle(None, self._generation_error(exc))
+
     def _fail_model_jobs(self, model_id: str, jobs: Any, reason: str) -> None:
         """A model that cannot load fails its batch and every queued job waiting for it; the next request retries."""
         error = ApiError(503, reason, type="server_error", code="model_unavailable", headers={"Retry-After": "5"})
@@ -2665,6 +3051,14 @@ class Engine:
             row.job.input_tokens += max(0, int(ids.shape[-1]) - 8)  # minus the chat template around the text
         instruct_ids = [tts._tokenize_texts([tts._build_instruct_text(row.job.instructions)])[0]
                         if row.job.instructions else None for row in rows]
+        voice_kwargs: dict[str, Any] = {"non_streaming_mode": True}
+        if info.kind == "base":   # cloned voices: the library's own prompt layout, and its default text mode
+            prompts = [row.job.voice_prompt for row in rows]
+            voice_kwargs = {"non_streaming_mode": False, "voice_clone_prompt": {
+                "ref_code": [p.ref_code for p in prompts], "ref_spk_embedding": [p.spk_embedding for p in prompts],
+                "x_vector_only_mode": [not p.icl for p in prompts], "icl_mode": [p.icl for p in prompts]},
+                "ref_ids": [tts._tokenize_texts([tts._build_ref_text(p.ref_text)])[0] if p.icl else None
+                            for p in prompts]}
         sampler = BatchSampler([row.job.sampling for row in rows],
                                [row.job.sampling.row_seed(row.segment) for row in rows], tts.generate_defaults,
                                eos_id, talker.config.vocab_size, talker.device)
@@ -2676,7 +3070,7 @@ class Engine:
             tts.model.generate(
                 input_ids=input_ids, instruct_ids=instruct_ids,
                 speakers=[row.job.speaker for row in rows] if info.kind == "custom_voice" else None,
-                languages=[row.job.language for row in rows], non_streaming_mode=True,
+                languages=[row.job.language for row in rows], **voice_kwargs,
                 max_new_tokens=max(row.budget for row in rows) + 1, do_sample=False, top_k=50, top_p=1.0,
                 temperature=1.0, repetition_penalty=1.0, subtalker_dosample=False, subtalker_top_k=50,
                 subtalker_top_p=1.0, subtalker_temperature=1.0)
@@ -3218,6 +3612,7 @@ class SpeechPlan:
     sample_rate: int
     response_format: str
     normalize: bool
+    voice_prompt: Optional[VoicePrompt] = None    # a cloned voice; `voice` is then its id, in the cache key
 
     def cache_key(self, wire: str) -> str:
         """Every parameter that changes the bytes, plus the wire variant (streamed and buffered WAVs differ)."""
@@ -3225,6 +3620,16 @@ class SpeechPlan:
                   self.sampling.temperature, self.sampling.top_p, self.sampling.seed, self.speed, self.sample_rate,
                   self.response_format, self.normalize, wire]
         return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VoiceChoice:
+    """Who speaks a request: a built-in speaker, a cloned voice's prompt, or (VoiceDesign) the instructions."""
+
+    key: str                                   # a built-in's canonical name or a custom voice's id
+    model_id: str
+    speaker: Optional[str] = None
+    prompt: Optional[VoicePrompt] = None
 
 
 class AudioCache:
@@ -3276,7 +3681,7 @@ class Synthesis:
                        sampling=plan.sampling,
                        first_chunk_frames=s.stream_first_chunk_frames if streaming else BUFFERED_CHUNK_FRAMES,
                        chunk_frames=s.stream_chunk_frames if streaming else BUFFERED_CHUNK_FRAMES,
-                       timeout=s.request_timeout, loop=asyncio.get_running_loop())
+                       timeout=s.request_timeout, loop=asyncio.get_running_loop(), voice_prompt=plan.voice_prompt)
         server.engine.submit(self.job)
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
@@ -3338,28 +3743,55 @@ class Server:
         self.engine = Engine(settings, self.metrics)
         self.metrics.track_queue_depth(lambda: self.engine.queue_depth)
         self.cache = AudioCache(settings.audio_cache_max)
+        self.prompts = PromptCache(settings.voice_cache_max)
+        self._store: Optional[VoiceStore] = None
         self.started = time.time()
 
-    async def model_info(self) -> ModelInfo:
+    async def model_info(self, model_id: Optional[str] = None) -> ModelInfo:
         try:
-            return await run_in_pool(self.engine.manager().describe)
+            return await run_in_pool(self.engine.manager(model_id).describe)
         except ModelUnavailable as exc:
             raise ApiError(503, str(exc), type="server_error", code="model_unavailable",
                            headers={"Retry-After": "5"}) from None
 
-    async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None) -> SpeechPlan:
-        """Validate a speech request against the model and turn it into a plan (no side effects)."""
+    @property
+    def store(self) -> VoiceStore:
+        """Custom voices and consents under DATA_DIR, opened on first use."""
+        if self._store is None:
+            try:
+                self._store = VoiceStore(self.settings.data_dir)
+            except (OSError, Exception) as exc:  # noqa: BLE001 - sqlite3 and the file system fail in many ways
+                raise ApiError(503, f"the voice store in DATA_DIR={self.settings.data_dir} cannot be opened: {exc}",
+                               type="server_error", code="voice_store_unavailable") from None
+        return self._store
+
+    async def clone_model(self) -> ModelInfo:
+        """The model that speaks cloned voices: MODEL_ID when it is a Base model, else BASE_MODEL_ID."""
+        info = await self.model_info()
+        if info.kind != "base":
+            info = await self.model_info(self.settings.base_model_id)
+        if info.kind != "base":
+            raise ApiError(503, f"BASE_MODEL_ID={self.settings.base_model_id!r} is a {info.kind} model; cloned voices "
+                                "need a -Base model such as Qwen/Qwen3-TTS-12Hz-0.6B-Base", type="server_error",
+                           code="model_unavailable")
+        return info
+
+    async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None,
+                   voice: Optional[VoiceChoice] = None) -> SpeechPlan:
+        """Validate a speech request against its model and turn it into a plan (no side effects)."""
         s = self.settings
         if len(req.input) > s.max_input_chars:
             raise ApiError(400, f"'input' is {len(req.input)} characters long; the limit is {s.max_input_chars} "
                                 f"(MAX_INPUT_CHARS)", param="input", code="string_above_max_length")
-        info = await self.model_info()
-        voice, speaker = self._voice(req.voice, info)
+        voice = voice or await self.choose_voice(req.voice)
+        info = await self.model_info(voice.model_id)
         instructions = req.style
         if instructions and not info.accepts_instructions:
-            raise ApiError(400, f"model {info.model_id!r} cannot follow instructions (Qwen3-TTS 0.6B CustomVoice "
-                                "models ignore them); remove 'instructions', or set MODEL_ID to a 1.7B CustomVoice "
-                                "or VoiceDesign model", param="instructions", code="instructions_not_supported")
+            reason = ("cloned voices are spoken by a Base model, which takes no instructions" if info.kind == "base"
+                      else "Qwen3-TTS 0.6B CustomVoice models ignore them")
+            raise ApiError(400, f"model {info.model_id!r} cannot follow instructions ({reason}); remove "
+                                "'instructions', or use a 1.7B CustomVoice or VoiceDesign model", param="instructions",
+                           code="instructions_not_supported")
         if info.kind == "voice_design" and not instructions:
             raise ApiError(400, f"model {info.model_id!r} designs its voice from 'instructions': describe the voice "
                                 "there", param="instructions", code="missing_required_parameter")
@@ -3370,35 +3802,78 @@ class Server:
                            code="invalid_value")
         return SpeechPlan(
             model_id=info.model_id, text=req.input, segments=tuple(segments),
-            budgets=tuple(token_budget(seg, iso or "en") for seg in segments), voice=voice, speaker=speaker,
-            language=language, instructions=instructions,
+            budgets=tuple(token_budget(seg, iso or "en") for seg in segments), voice=voice.key,
+            speaker=voice.speaker, language=language, instructions=instructions,
             sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), speed=req.speed,
             sample_rate=req.sample_rate or SAMPLE_RATE,
             response_format=response_format or req.response_format or s.default_response_format,
-            normalize=s.text_normalize)
+            normalize=s.text_normalize, voice_prompt=voice.prompt)
 
     def _prepare_text(self, text: str, iso: Optional[str]) -> list[str]:
         if self.settings.text_normalize and iso:
             text = normalize_text(text, iso)
         return split_segments(text, iso or "en", self.settings.segment_max_chars)
 
-    def _voice(self, voice: Union[str, VoiceRef, None], info: ModelInfo) -> tuple[str, Optional[str]]:
-        """-> (the voice's canonical name, the model speaker to use)."""
-        if info.kind == "voice_design":
-            return "designed", None      # the voice comes from the instructions
-        if info.kind == "base":
-            raise ApiError(400, f"model {info.model_id!r} has no built-in voices: it clones a voice from reference "
-                                "audio (POST /v1/audio/speech/clone); set MODEL_ID to a CustomVoice model for named "
-                                "voices", param="voice", code="voice_cloning_required")
-        name = voice.id if isinstance(voice, VoiceRef) else (voice or self.settings.default_voice)
-        speaker = resolve_builtin_voice(name, set(info.speakers))
-        if speaker is None:
-            valid = ", ".join(builtin_voice_names(set(info.speakers)))
-            if isinstance(voice, VoiceRef):
-                raise ApiError(404, f"voice {name!r} not found; built-in voices: {valid}", param="voice",
-                               code="voice_not_found")
-            raise ApiError(400, f"unknown voice {name!r}; valid voices: {valid}", param="voice", code="invalid_voice")
-        return canonical_voice_name(name), speaker
+    async def choose_voice(self, voice: Union[str, VoiceRef, None]) -> VoiceChoice:
+        """A request's voice: a built-in speaker of MODEL_ID, or a custom voice (by id or name) spoken by the Base
+        model. Unknown names are a 400 listing the valid ones; an unknown {"id": ...} is a 404."""
+        info = await self.model_info()
+        by_id = isinstance(voice, VoiceRef)
+        name = voice.id if isinstance(voice, VoiceRef) else (voice or "")
+        if info.kind == "custom_voice":
+            speaker = resolve_builtin_voice(name or self.settings.default_voice, set(info.speakers))
+            if speaker is not None:
+                return VoiceChoice(canonical_voice_name(name or self.settings.default_voice), info.model_id, speaker)
+        custom = await run_in_pool(self.store.voice, name) if name else None
+        if custom is not None:
+            clone = await self.clone_model()
+            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]))
+        if info.kind == "voice_design" and not by_id:
+            return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
+        valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self.store.voices)]
+        if by_id:
+            raise ApiError(404, f"voice {name!r} not found", param="voice", code="voice_not_found")
+        if not name:
+            raise ApiError(400, f"model {info.model_id!r} has no built-in voices: name a custom voice (POST "
+                                "/v1/audio/voices creates one)", param="voice", code="missing_required_parameter")
+        raise ApiError(400, f"unknown voice {name!r}; valid voices: {', '.join(valid) or 'none yet'}", param="voice",
+                       code="invalid_voice")
+
+    async def stored_prompt(self, voice_id: str) -> VoicePrompt:
+        key = f"voice:{voice_id}"
+        prompt = self.prompts.get(key)
+        if prompt is None:
+            prompt = await run_in_pool(VoicePrompt.load, self.store.prompt_path(voice_id))
+            self.prompts.put(key, prompt)
+        return prompt
+
+    async def voice_prompt(self, audio: np.ndarray, ref_text: Optional[str], cache_key: Optional[str]) -> VoicePrompt:
+        """Encode reference audio with the Base model (on the model thread), through the prompt cache."""
+        if cache_key and (cached := self.prompts.get(cache_key)) is not None:
+            return cached
+        clone = await self.clone_model()
+        started = time.monotonic()
+        prompt = await self.engine.call(clone.model_id, lambda tts: compute_voice_prompt(tts, audio, ref_text),
+                                        timeout=self.settings.request_timeout)
+        logger.info("voice prompt of {:.1f}s of audio ({}) computed in {:.2f}s", audio.size / SAMPLE_RATE,
+                    "in-context" if prompt.icl else "x-vector", time.monotonic() - started)
+        if cache_key:
+            self.prompts.put(cache_key, prompt)
+        return prompt
+
+    async def design_voice(self, description: str, script: str, language: str) -> np.ndarray:
+        """A VoiceDesign model reads `script` in the voice `description` describes: the reference of a new voice."""
+        info = await self.model_info()
+        design_id = info.model_id if info.kind == "voice_design" else self.settings.voice_design_model_id
+        design = await self.model_info(design_id)
+        if design.kind != "voice_design":
+            raise ApiError(503, f"VOICE_DESIGN_MODEL_ID={design_id!r} is a {design.kind} model; voices from a prompt "
+                                "need a VoiceDesign model such as Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign",
+                           type="server_error", code="model_unavailable")
+        req = SpeechRequest(input=script, instructions=description, language=language)
+        plan = await self.plan(req, response_format="pcm", voice=VoiceChoice("designed", design_id))
+        synthesis = Synthesis(self, plan, streaming=False)
+        return np.concatenate([pcm async for pcm in synthesis.chunks()])
 
     # -- the wire formats, all consuming Synthesis.chunks()
     async def buffered(self, request: Request, plan: SpeechPlan, endpoint: str) -> Response:
@@ -3508,6 +3983,7 @@ class Server:
             "cuda": torch.cuda.is_available(),
             "device": snap["device"],
             "dtype": snap["dtype"],
+            "codec_dtype": snap["codec_dtype"],
             "attention": snap["attention"],
             "torch_compile": snap["compiled"],
             "load_seconds": snap["load_seconds"],
@@ -3520,9 +3996,12 @@ class Server:
             "audio_cache_size": len(self.cache),
             "audio_cache_max": self.cache.max_entries,
             "audio_cache_hits": self.cache.hits,
-            "voice_cache_size": 0,          # clone prompts are not cached yet: voice cloning is not implemented
-            "voice_cache_max": self.settings.voice_cache_max,
-            "voice_cache_hits": 0,
+            "voice_cache_size": len(self.prompts),
+            "voice_cache_max": self.prompts.max_entries,
+            "voice_cache_hits": self.prompts.hits,
+            "models": [{"role": role, **self.engine.manager(model_id).snapshot()} for role, model_id in (
+                ("default", self.settings.model_id), ("base", self.settings.base_model_id),
+                ("voice_design", self.settings.voice_design_model_id))],
             "uptime_s": round(time.time() - self.started, 1),
             "version": VERSION,
         }
@@ -3688,12 +4167,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                            param="model", code="model_not_found")
         return found
 
-    @app.get("/v1/audio/voices", summary="Built-in voices and their OpenAI aliases")
-    async def voices() -> dict:
-        manager = server.engine.manager()
-        with contextlib.suppress(ModelUnavailable):
-            await run_in_pool(manager.describe)
-        return {"voices": voices_listing(manager.info)}
+    add_voice_routes(app, server)
 
     @app.get("/health", summary="Liveness and state; always 200")
     async def health() -> dict:
@@ -3706,9 +4180,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         body = {"ready": is_ready, "model_state": manager.state, "model_error": manager.error}
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
-    @app.post("/cache/clear", summary="Empty the audio cache")
+    @app.post("/cache/clear", summary="Empty the audio cache and the voice-prompt cache")
     async def cache_clear() -> dict:
-        return {"audio_cleared": server.cache.clear(), "voice_cleared": 0}
+        return {"audio_cleared": server.cache.clear(), "voice_cleared": server.prompts.clear()}
 
     @app.get("/metrics", summary="Prometheus metrics (PROMETHEUS_ENABLED)")
     async def metrics() -> Response:
@@ -3718,6 +4192,199 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+# ---- HTTP: custom voices and consent recordings (OpenAI's API), and the seed's one-shot clone
+BCP47 = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".ogg", ".opus", ".flac", ".aac", ".m4a", ".mp4", ".webm")
+
+
+def consent_object(row: dict) -> dict:
+    return {"object": "audio.voice_consent", "id": row["id"], "name": row["name"], "language": row["language"],
+            "created_at": row["created_at"]}
+
+
+def voice_object(row: dict) -> dict:
+    return {"object": "audio.voice", "id": row["id"], "name": row["name"], "created_at": row["created_at"],
+            "type": row["type"]}
+
+
+async def request_fields(request: Request) -> dict[str, Any]:
+    """A multipart or urlencoded form, or a JSON object, as one dict (uploads stay UploadFile objects)."""
+    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 2**20:
+        raise ApiError(413, "the request is larger than the 10 MiB upload limit", code="file_too_large")
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+    try:
+        form = await request.form(max_files=4, max_fields=32)
+    except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are all 'bad form'
+        raise ApiError(400, f"the request body is not a valid form: {exc}", code="invalid_form") from None
+    return dict(form.multi_items())
+
+
+def text_field(fields: dict, name: str, *, required: bool = False, max_length: int = 4096) -> Optional[str]:
+    value = fields.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be text", param=name, code="invalid_value")
+    if len(value) > max_length:
+        raise ApiError(400, f"'{name}' is longer than {max_length} characters", param=name, code="invalid_value")
+    return value.strip()
+
+
+async def upload_bytes(fields: dict, name: str) -> tuple[bytes, str]:
+    """An uploaded file's bytes (at most 10 MiB, else 413) and its extension."""
+    from starlette.datastructures import UploadFile
+
+    upload = fields.get(name)
+    if upload is None:
+        raise ApiError(400, f"'{name}' is required (a file in a multipart form)", param=name,
+                       code="missing_required_parameter")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, f"'{name}' must be a file in a multipart form", param=name, code="invalid_value")
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"'{name}' is larger than the 10 MiB limit", param=name, code="file_too_large")
+    extension = os.path.splitext(upload.filename or "")[1].lower()
+    return data, extension if extension in AUDIO_EXTENSIONS else ".audio"
+
+
+def add_voice_routes(app: FastAPI, server: Server) -> None:
+    """POST/GET/DELETE /v1/audio/voice_consents, POST/GET/DELETE /v1/audio/voices, POST /v1/audio/speech/clone."""
+
+    async def find_consent(consent_id: str) -> dict:
+        consent = await run_in_pool(server.store.consent, consent_id)
+        if consent is None:
+            raise ApiError(404, f"consent {consent_id!r} not found", param="consent_id", code="consent_not_found")
+        return consent
+
+    @app.post("/v1/audio/voice_consents", summary="Upload a consent recording (OpenAI-compatible)")
+    async def create_consent(request: Request) -> dict:
+        fields = await request_fields(request)
+        name = text_field(fields, "name", required=True, max_length=256)
+        language = text_field(fields, "language", required=True, max_length=35)
+        if not BCP47.fullmatch(language):
+            raise ApiError(400, f"'language' must be a BCP 47 tag such as en-US, got {language!r}",
+                           param="language", code="invalid_value")
+        data, extension = await upload_bytes(fields, "recording")
+        await run_in_pool(reference_audio, data, "recording")            # readable, long enough, not silent
+        row = await run_in_pool(server.store.add_consent, name, language, data, extension)
+        return consent_object(row)
+
+    @app.get("/v1/audio/voice_consents", summary="List consent recordings (OpenAI-compatible)")
+    async def list_consents(after: Optional[str] = None, limit: int = 20) -> dict:
+        if not 1 <= limit <= 100:
+            raise ApiError(400, f"'limit' must be between 1 and 100, got {limit}", param="limit",
+                           code="invalid_value")
+        rows = await run_in_pool(server.store.consents)
+        if after is not None:
+            ids = [row["id"] for row in rows]
+            rows = rows[ids.index(after) + 1:] if after in ids else []
+        page = rows[:limit]
+        return {"object": "list", "data": [consent_object(r) for r in page],
+                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+                "has_more": len(rows) > limit}
+
+    @app.get("/v1/audio/voice_consents/{consent_id}", summary="One consent recording (OpenAI-compatible)")
+    async def get_consent(consent_id: str) -> dict:
+        return consent_object(await find_consent(consent_id))
+
+    @app.post("/v1/audio/voice_consents/{consent_id}", summary="Rename a consent recording (OpenAI-compatible)")
+    async def update_consent(consent_id: str, request: Request) -> dict:
+        await find_consent(consent_id)
+        name = text_field(await request_fields(request), "name", required=True, max_length=256)
+        return consent_object(await run_in_pool(server.store.rename_consent, consent_id, name))
+
+    @app.delete("/v1/audio/voice_consents/{consent_id}", summary="Delete a consent recording (OpenAI-compatible)")
+    async def delete_consent(consent_id: str) -> dict:
+        await find_consent(consent_id)
+        await run_in_pool(server.store.delete_consent, consent_id)
+        return {"object": "audio.voice_consent.deleted", "id": consent_id, "deleted": True}
+
+    @app.post("/v1/audio/voices", summary="Create a custom voice from a sample or a description (OpenAI-compatible)")
+    async def create_voice(request: Request) -> dict:
+        fields = await request_fields(request)
+        kind = text_field(fields, "type") or ("prompt" if fields.get("prompt") else "audio_sample")
+        if kind not in ("audio_sample", "prompt"):
+            raise ApiError(400, f"'type' must be audio_sample or prompt, got {kind!r}", param="type",
+                           code="invalid_value")
+        name = text_field(fields, "name", required=True, max_length=64)
+        if resolve_builtin_voice(name) is not None or canonical_voice_name(name) in OPENAI_VOICES:
+            raise ApiError(409, f"{name!r} is the name of a built-in voice", param="name", code="voice_name_taken")
+        if await run_in_pool(server.store.voice, name) is not None:
+            raise ApiError(409, f"a voice named {name!r} exists already", param="name", code="voice_name_taken")
+        if kind == "audio_sample":
+            consent = await find_consent(text_field(fields, "consent", required=True, max_length=64))
+            data, _ = await upload_bytes(fields, "audio_sample")
+            audio = await run_in_pool(reference_audio, data, "audio_sample")
+            ref_text = text_field(fields, "ref_text")          # ours: the sample's transcript -> in-context cloning
+            prompt = await server.voice_prompt(audio, ref_text, cache_key=None)
+            language, description, consent_id = consent["language"], None, consent["id"]
+        else:
+            description = text_field(fields, "prompt", required=True)
+            language = text_field(fields, "language", max_length=35) or "en"
+            script = text_field(fields, "script_hint") or DESIGN_SCRIPTS.get(language.split("-")[0].lower(),
+                                                                             DESIGN_SCRIPTS["en"])
+            audio = await server.design_voice(description, script, language)
+            prompt = await server.voice_prompt(audio, script, cache_key=None)
+            consent_id = None
+        row = await run_in_pool(functools.partial(server.store.add_voice, name=name, kind=kind,
+                                                  consent_id=consent_id, language=language, description=description,
+                                                  prompt=prompt, sample=audio))
+        server.prompts.put(f"voice:{row['id']}", prompt)
+        return voice_object(row)
+
+    @app.get("/v1/audio/voices", summary="Built-in voices, their OpenAI aliases, and custom voices")
+    async def voices() -> dict:
+        manager = server.engine.manager()
+        with contextlib.suppress(ModelUnavailable):
+            await run_in_pool(manager.describe)
+        custom = [{**voice_object(row), "kind": "custom", "language": row["language"],
+                   "description": row["description"]} for row in await run_in_pool(server.store.voices)]
+        return {"voices": voices_listing(manager.info) + custom}
+
+    @app.get("/v1/audio/voices/{voice_id}", summary="One custom voice")
+    async def get_voice(voice_id: str) -> dict:
+        row = await run_in_pool(server.store.voice, voice_id)
+        if row is None:
+            raise ApiError(404, f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+        return voice_object(row)
+
+    @app.delete("/v1/audio/voices/{voice_id}", summary="Delete a custom voice and its files (OpenAI-compatible)")
+    async def delete_voice(voice_id: str) -> dict:
+        row = await run_in_pool(server.store.voice, voice_id)
+        if row is None or row["id"] != voice_id and row["name"].lower() != voice_id.lower():
+            raise ApiError(404, f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+        await run_in_pool(server.store.delete_voice, row["id"])
+        server.prompts.drop(f"voice:{row['id']}")
+        return {"object": "audio.voice.deleted", "id": row["id"], "deleted": True}
+
+    @app.post("/v1/audio/speech/clone", summary="Seed: speak in the voice of an uploaded reference (multipart)")
+    async def clone(request: Request) -> Response:
+        fields = await request_fields(request)
+        data, _ = await upload_bytes(fields, "file")
+        audio = await run_in_pool(reference_audio, data, "file")
+        ref_text = text_field(fields, "ref_text")
+        clone_model = await server.clone_model()
+        key = "ref:" + hashlib.sha256(data + (ref_text or "").encode() + clone_model.model_id.encode()).hexdigest()
+        prompt = await server.voice_prompt(audio, ref_text, cache_key=key)
+        try:
+            req = SpeechRequest.model_validate({k: v for k, v in fields.items() if k in SpeechRequest.model_fields
+                                                and k not in ("voice", "model") and isinstance(v, str)})
+        except ValidationError as exc:
+            raise validation_error_to_api_error(exc) from None
+        plan = await server.plan(req, response_format=req.response_format or "wav",
+                                 voice=VoiceChoice(key[:24], clone_model.model_id, prompt=prompt))
+        return await server.buffered(request, plan, "clone")
 
 
 class WebSocketSession:

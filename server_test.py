@@ -203,14 +203,28 @@ def test_every_parameter_that_changes_the_audio_is_in_the_cache_key(change):
 
 
 # ---- the streaming decoder on the real codec
+@pytest.fixture(scope="session")
+def codec(tiny_model):
+    """The tiny model's speech tokenizer with its ConvNeXt and layer scales set as a trained model has them: random
+    init leaves them at 1e-6 and 0.01, which would hide most of the convolutions' receptive field."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_model.model.speech_tokenizer)
+    with torch.no_grad():
+        for name, param in tokenizer.model.decoder.named_parameters():
+            if name.endswith(("gamma", ".scale")):
+                param.fill_(0.5)
+    return tokenizer
+
+
 @pytest.mark.parametrize("chunks", [[1] * 30, [4, 16, 16, 16, 16, 16, 16], [3, 1, 5, 12, 30, 45], [100]])
-def test_streaming_decode_equals_the_one_shot_decode(tiny_model, chunks):
+def test_streaming_decode_equals_the_one_shot_decode(codec, chunks):
     torch.manual_seed(0)
     total = sum(chunks)
     codes = torch.randint(0, 2048, (total, 16))
     with torch.inference_mode():
-        reference = tiny_model.model.speech_tokenizer.decode([{"audio_codes": codes}])[0][0]
-        decoder = StreamingDecoder(tiny_model.model.speech_tokenizer.model)
+        reference = codec.decode([{"audio_codes": codes}])[0][0]
+        decoder = StreamingDecoder(codec.model)
         parts, start = [], 0
         for n in chunks:
             parts.append(decoder.decode(codes[start:start + n]))
@@ -218,6 +232,17 @@ def test_streaming_decode_equals_the_one_shot_decode(tiny_model, chunks):
     streamed = np.concatenate(parts)
     assert streamed.shape == reference.shape == (total * 1920,)
     assert np.max(np.abs(streamed - reference)) < 1e-4
+
+
+def test_less_context_than_the_receptive_field_would_be_audible(codec, monkeypatch):
+    """The test above can fail: with one frame less context the streamed audio differs."""
+    monkeypatch.setattr(StreamingDecoder, "CONTEXT_FRAMES", StreamingDecoder.CONTEXT_FRAMES - 1)
+    codes = torch.randint(0, 2048, (40, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = codec.decode([{"audio_codes": codes}])[0][0]
+        decoder = StreamingDecoder(codec.model)
+        streamed = np.concatenate([decoder.decode(codes[i:i + 8]) for i in range(0, 40, 8)])
+    assert np.max(np.abs(streamed - reference)) > 1e-3
 
 
 # ---- jobs and the engine, on the real tiny model
@@ -410,6 +435,54 @@ def test_a_job_past_its_deadline_times_out(engine, tiny_dir):
     while engine.queue_depth and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.queue_depth == 0
+
+
+def _greedy_job(loop, model_id, **kw) -> Job:
+    return Job(model_id=model_id, segments=["Hello there, this is a test."], budgets=[30], language="english",
+               instructions=kw.pop("instructions", None), sampling=Sampling(temperature=0), first_chunk_frames=4,
+               chunk_frames=16, timeout=120, loop=loop, **kw)
+
+
+def _run_engine(model_id: str, make_job) -> np.ndarray:
+    engine = Engine(Settings(model_id=model_id, dtype="float32", warmup=False, idle_timeout=0), Metrics(model_id))
+    engine.start()
+    try:
+        async def scenario():
+            job = make_job(asyncio.get_running_loop())
+            engine.submit(job)
+            return np.concatenate(await drain(job))
+        return asyncio.run(scenario())
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("name", ["tiny-0.6B-CustomVoice", "tiny-1.7B-VoiceDesign", "tiny-0.6B-Base"])
+def test_the_engine_reproduces_the_library_exactly(tiny_dir, name):
+    """Greedy decoding is deterministic, so the whole engine (batch hooks, sampler, incremental decoding, priming
+    with a clone reference) must give what qwen_tts's own generate_* methods give."""
+    from qwen_tts import Qwen3TTSModel
+
+    model_id = str(Path(tiny_dir).parent / name)
+    library = Qwen3TTSModel.from_pretrained(model_id, dtype=torch.float32, device_map="cpu")
+    greedy = {"max_new_tokens": 31, "do_sample": False, "subtalker_dosample": False}
+    text = "Hello there, this is a test."
+    if name.endswith("CustomVoice"):
+        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker="vivian"))
+        expected = library.generate_custom_voice(text=text, speaker="vivian", language="english", **greedy)[0][0]
+    elif name.endswith("VoiceDesign"):
+        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker=None,
+                                                              instructions="A deep, calm voice."))
+        expected = library.generate_voice_design(text=text, instruct="A deep, calm voice.", language="english",
+                                                 **greedy)[0][0]
+    else:
+        reference = (np.random.default_rng(0).standard_normal(24000 * 3) * 0.1).astype(np.float32)
+        item = library.create_voice_clone_prompt(ref_audio=(reference, 24000), ref_text="A reference sentence.")[0]
+        prompt = server.VoicePrompt.from_item(item)
+        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker=None, voice_prompt=prompt))
+        expected = library.generate_voice_clone(text=text, language="english", voice_clone_prompt=[item],
+                                                **greedy)[0][0]
+    assert ours.shape == expected.shape
+    assert np.max(np.abs(ours - expected)) < 1e-4
 
 
 def test_unload_really_drops_the_model(tiny_dir):
@@ -1431,3 +1504,92 @@ def test_decode_keeps_what_a_truncated_file_holds(fmt: str) -> None:
 def test_decode_rejects_garbage(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"^could not decode audio: "):
         decode_audio(data)
+
+
+# ==== voices: the store of custom voices and consents, prompts, reference audio
+def _prompt() -> server.VoicePrompt:
+    return server.VoicePrompt(spk_embedding=torch.randn(32), ref_code=torch.randint(0, 2048, (20, 16)),
+                              ref_text="what the sample says")
+
+
+def test_voice_prompts_round_trip_through_their_file(tmp_path):
+    prompt = _prompt()
+    prompt.save(str(tmp_path / "p.safetensors"))
+    loaded = server.VoicePrompt.load(str(tmp_path / "p.safetensors"))
+    assert torch.equal(loaded.spk_embedding, prompt.spk_embedding) and torch.equal(loaded.ref_code, prompt.ref_code)
+    assert loaded.ref_text == prompt.ref_text and loaded.icl
+    xvector = server.VoicePrompt(spk_embedding=torch.randn(32))
+    xvector.save(str(tmp_path / "x.safetensors"))
+    assert not server.VoicePrompt.load(str(tmp_path / "x.safetensors")).icl
+
+
+def test_the_store_keeps_voices_across_reopening_and_deletes_every_file(tmp_path):
+    store = server.VoiceStore(str(tmp_path))
+    consent = store.add_consent("c", "en-US", b"recording", ".wav")
+    voice = store.add_voice(name="Alice", kind="audio_sample", consent_id=consent["id"], language="en-US",
+                            description=None, prompt=_prompt(), sample=np.zeros(24000, np.float32))
+    reopened = server.VoiceStore(str(tmp_path))
+    assert reopened.voice("alice")["id"] == voice["id"] and reopened.voice(voice["id"])["name"] == "Alice"
+    assert reopened.consent(consent["id"])["language"] == "en-US"
+    with pytest.raises(ApiError) as err:
+        reopened.add_voice(name="ALICE", kind="audio_sample", consent_id=None, language=None, description=None,
+                           prompt=_prompt(), sample=np.zeros(10, np.float32))
+    assert err.value.status == 409
+    with pytest.raises(ApiError) as err:
+        reopened.delete_consent(consent["id"])
+    assert err.value.status == 409                          # still used by Alice
+    assert reopened.delete_voice(voice["id"]) and not os.path.exists(reopened.voice_dir(voice["id"]))
+    assert reopened.voice("alice") is None and reopened.delete_consent(consent["id"])
+    assert os.listdir(tmp_path / "voices") == [] and os.listdir(tmp_path / "consents") == []
+
+
+def test_a_create_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch):
+    store = server.VoiceStore(str(tmp_path))
+
+    def crash(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(server.VoicePrompt, "save", crash)
+    with pytest.raises(OSError):
+        store.add_voice(name="Half", kind="audio_sample", consent_id=None, language=None, description=None,
+                        prompt=_prompt(), sample=np.zeros(10, np.float32))
+    assert store.voices() == [] and os.listdir(tmp_path / "voices") == [] and os.listdir(tmp_path / "staging") == []
+
+
+def test_opening_the_store_cleans_up_after_a_crash(tmp_path):
+    store = server.VoiceStore(str(tmp_path))
+    kept = store.add_voice(name="Kept", kind="audio_sample", consent_id=None, language=None, description=None,
+                           prompt=_prompt(), sample=np.zeros(10, np.float32))
+    lost = store.add_voice(name="Lost files", kind="audio_sample", consent_id=None, language=None,
+                           description=None, prompt=_prompt(), sample=np.zeros(10, np.float32))
+    os.remove(store.prompt_path(lost["id"]))                         # a row whose files vanished
+    os.makedirs(tmp_path / "voices" / "voice_orphan")                # files whose row never committed
+    os.makedirs(tmp_path / "staging" / "voice_interrupted")          # a create killed before it committed
+    reopened = server.VoiceStore(str(tmp_path))
+    assert [v["id"] for v in reopened.voices()] == [kept["id"]]
+    assert sorted(os.listdir(tmp_path / "voices")) == [kept["id"]] and os.listdir(tmp_path / "staging") == []
+
+
+def test_reference_audio_is_checked_and_resampled():
+    rate = 16000
+    t = np.arange(rate * 3) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    encoder = AudioEncoder("flac", rate, streaming=False)
+    audio = server.reference_audio(encoder.encode(pcm) + encoder.finish(), "file")
+    assert audio.dtype == np.float32 and abs(audio.size - 3 * 24000) < 100
+    for data, status in ((b"", 400), (b"x" * (10 * 2**20 + 1), 413), (b"not audio" * 100, 400)):
+        with pytest.raises(ApiError) as err:
+            server.reference_audio(data, "file")
+        assert err.value.status == status and err.value.param == "file"
+
+
+def test_the_prompt_cache_is_lru_and_counts_hits():
+    cache = server.PromptCache(2)
+    a, b, c = _prompt(), _prompt(), _prompt()
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("c") is c and cache.hits == 2 and len(cache) == 2
+    cache.drop("c")
+    assert cache.clear() == 1

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 # Every test server runs float32 (exact comparisons between streamed and buffered audio) with a small queue.
 BASE_ENV = {"DTYPE": "float32", "LOG_FORMAT": "text", "LOG_LEVEL": "INFO", "PRELOAD_MODEL": "true",
-            "MAX_QUEUE_DEPTH": "16", "TORCH_COMPILE": "false"}
+            "MAX_QUEUE_DEPTH": "16", "TORCH_COMPILE": "false",
+            "BASE_MODEL_ID": str(CHECKPOINTS / "tiny-0.6B-Base"),
+            "VOICE_DESIGN_MODEL_ID": str(CHECKPOINTS / "tiny-1.7B-VoiceDesign")}
 
 
 def checkpoint(name: str) -> str:
@@ -57,7 +60,8 @@ class ServerProcess:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         LOGS.mkdir(exist_ok=True)
-        env = {**os.environ, **BASE_ENV, "HOST": "127.0.0.1", "PORT": str(port), **self.env}
+        data_dir = tempfile.mkdtemp(prefix=f"{self.name}-data-", dir=LOGS)   # custom voices: fresh unless given
+        env = {**os.environ, **BASE_ENV, "HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": data_dir, **self.env}
         env.pop("TTS_URL", None)
         self.log_path = LOGS / f"{self.name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - stays open for the life of the process

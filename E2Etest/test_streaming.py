@@ -161,6 +161,22 @@ def test_a_client_that_gives_up_before_any_audio_releases_its_queued_request(url
     wait_for_idle_queue(http)
 
 
+def test_a_slow_reader_stalls_nobody_and_loses_nothing(url, http):
+    long_text = " ".join(["A client that does not read its stream must not hold anyone else up."] * 3)
+    with httpx.Client(base_url=url, timeout=120) as slow_client, \
+            slow_client.stream("POST", "/v1/audio/speech/stream/pcm",
+                               json={"input": long_text, "voice": "nova", "seed": 4}) as slow:
+        slow_chunks = slow.iter_raw()
+        first = next(slow_chunks)                           # then it stops reading for a while
+        other = http.post("/v1/audio/speech", json={"input": "I am not waiting for anyone.", "voice": "echo",
+                                                      "response_format": "pcm", "stream_format": "audio"})
+        assert other.status_code == 200 and len(other.content) > 0     # served while the slow one sat unread
+        rest = b"".join(slow_chunks)
+    reference = http.post("/v1/audio/speech", json={"input": long_text, "voice": "nova", "seed": 4,
+                                                      "response_format": "pcm"}).content
+    assert_same_audio(decode(first + rest, "pcm")[0], decode(reference, "pcm")[0])
+
+
 def test_websocket_utterances_errors_and_reuse(url, buffered):
     from websockets.sync.client import connect
 
