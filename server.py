@@ -130,7 +130,7 @@ class Settings:
     request_timeout: float = 300.0
     max_queue_depth: int = 5
     max_batch_size: int = 4
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 20.0
     max_input_chars: int = 4096
     segment_max_chars: int = 300
     text_normalize: bool = True
@@ -172,7 +172,7 @@ def load_settings(env: Optional[dict] = None) -> Settings:
         request_timeout=_env_number(env, "REQUEST_TIMEOUT", 300, 1, 10**6, float),
         max_queue_depth=_env_number(env, "MAX_QUEUE_DEPTH", 5, 0, 10**6),
         max_batch_size=_env_number(env, "MAX_BATCH_SIZE", 4, 1, 256),
-        batch_wait_ms=_env_number(env, "BATCH_WAIT_MS", 5, 0, 10_000, float),
+        batch_wait_ms=_env_number(env, "BATCH_WAIT_MS", 20, 0, 10_000, float),
         max_input_chars=_env_number(env, "MAX_INPUT_CHARS", 4096, 1, 10**7),
         segment_max_chars=_env_number(env, "SEGMENT_MAX_CHARS", 300, 20, 10**5),
         text_normalize=_env_bool(env, "TEXT_NORMALIZE", True),
@@ -2892,11 +2892,17 @@ class Engine:
                 if wait is not None and wait <= 0:
                     return []
                 self._cond.wait(wait)
-            if self.settings.batch_wait_ms > 0 and self._pending_rows() < self.settings.max_batch_size:
-                self._cond.wait(self.settings.batch_wait_ms / 1000)  # let requests arriving together share a batch
-                self._drop_dead_jobs()
-                if not self._pending:
-                    return []
+            # Requests arriving together share a batch: wait until BATCH_WAIT_MS after the oldest one arrived (a
+            # request that already waited through a running batch does not wait again) or until the batch is full.
+            deadline = self._pending[0].created + self.settings.batch_wait_ms / 1000
+            while self._pending and self._pending_rows() < self.settings.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._drop_dead_jobs()
+            if not self._pending:
+                return []
             return self._select_rows()
 
     def _pending_rows(self) -> int:
@@ -4091,11 +4097,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        server.metrics.error(request.url.path, exc.status, exc.code)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error_to_api_error(exc)
+        server.metrics.error(request.url.path, error.status, error.code)
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -4503,6 +4511,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self._requests = Counter("tts_requests_total", "Speech requests by endpoint, voice, format and status",
                                  ["endpoint", "voice", "format", "status"], registry=r)
+        self._errors = Counter("tts_errors_total", "Error responses by path, status and error code",
+                               ["path", "status", "code"], registry=r)
         self._cache = Counter("tts_audio_cache_lookups_total", "Audio cache lookups", ["result"], registry=r)
         self._cache_size = Gauge("tts_audio_cache_entries", "Entries in the audio cache", registry=r)
         self._ttfa = Histogram("tts_time_to_first_audio_seconds", "From admission to the first PCM chunk",
@@ -4526,6 +4536,11 @@ class Metrics:
         self._requests.labels(endpoint, voice, fmt, str(status)).inc()
         if endpoint in ("speech",):
             self._cache.labels("hit" if cache_hit else "miss").inc()
+
+    def error(self, path: str, status: int, code: Optional[str]) -> None:
+        # Known paths only: a label per arbitrary 404 path would let any client grow the registry without bound.
+        self._errors.labels(path if path.startswith(("/v1/", "/cache", "/health", "/ready", "/metrics"))
+                            and status != 404 else "other", str(status), code or "").inc()
 
     def synthesis(self, ttfa: Optional[float], rtf: Optional[float], seconds: float) -> None:
         if ttfa is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 
@@ -111,6 +113,17 @@ def test_metrics_are_prometheus_text(http):
     for name in ("tts_requests_total", "tts_time_to_first_audio_seconds", "tts_model_loaded",
                  "tts_inference_duration_seconds", "tts_queue_depth", "tts_batch_size"):
         assert name in r.text
+
+
+def test_refused_requests_are_counted(http):
+    def invalid_voice_count() -> float:
+        pattern = r'^tts_errors_total\{code="invalid_voice",path="/v1/audio/speech",status="400"\} (\S+)$'
+        found = re.search(pattern, http.get("/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = invalid_voice_count()
+    http.post("/v1/audio/speech", json={"input": "hi", "voice": "nobody"})
+    assert invalid_voice_count() == before + 1
 
 
 def test_cache_clear_reports_counts(http):

@@ -6,6 +6,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py stream   [--model DIR]   # time to first audio and total, streamed vs buffered
     .venv/bin/python bench/bench.py load     [--model DIR]   # throughput and TTFA vs concurrency, batched vs serial
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
+    .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost, speech with a cached prompt
 
 --model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
 --full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
@@ -269,19 +270,65 @@ def scenario_overload(args: argparse.Namespace) -> None:
     ])
 
 
+def scenario_voices(args: argparse.Namespace) -> None:
+    """Cloning costs: computing a voice prompt from a 10 s reference, and speech with a cached prompt."""
+    import io
+
+    import numpy as np
+    import soundfile
+
+    base = args.base or str(Path(args.model).parent / Path(args.model).name.replace("CustomVoice", "Base"))
+    t = np.arange(24000 * 10) / 24000
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (0.2 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))), 24000,
+                    format="WAV")
+    reference = buffer.getvalue()
+    env = {"MODEL_ID": args.model, "BASE_MODEL_ID": base, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0",
+           "DATA_DIR": tempfile.mkdtemp(prefix="bench-voices-"), **args.env}
+    rows = []
+    with running_server(env, wait_for="ready") as (url, _, _), httpx.Client(base_url=url, timeout=1800) as c:
+        def clone(ref_text: Optional[str]) -> float:
+            started = time.monotonic()
+            data = {"input": SHORT, "seed": "1", "response_format": "pcm"} | ({"ref_text": ref_text} if ref_text
+                                                                               else {})
+            r = c.post("/v1/audio/speech/clone", files={"file": ("r.wav", reference, "audio/wav")}, data=data)
+            assert r.status_code == 200, r.text
+            return time.monotonic() - started
+
+        rows.append(["/clone, first call: Base model load + x-vector prompt + speech", fmt(clone(None))])
+        for mode, text in (("x-vector", None), ("in-context", "A reference sentence that the sample says.")):
+            c.post("/cache/clear")
+            computed = clone(text)
+            cached = statistics.median(clone(text) for _ in range(args.repeat))
+            rows.append([f"/clone {mode}: prompt computed + speech", fmt(computed)])
+            rows.append([f"/clone {mode}: prompt cached + speech (p50 of {args.repeat})", fmt(cached)])
+            rows.append([f"  -> computing a {mode} prompt from 10 s of audio", fmt(computed - cached)])
+        def builtin() -> float:
+            started = time.monotonic()
+            r = c.post("/v1/audio/speech", json={"input": SHORT, "voice": "alloy", "seed": 1,
+                                                 "response_format": "pcm"})
+            assert r.status_code == 200, r.text
+            return time.monotonic() - started
+
+        rows.append([f"built-in voice, same text (p50 of {args.repeat})",
+                     fmt(statistics.median(builtin() for _ in range(args.repeat)))])
+    table(f"voices: {args.model} + {base} ({len(SHORT)} chars; seconds)", ["measure", "seconds"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["core", "stream", "load", "overload"])
+    parser.add_argument("scenario", choices=["core", "stream", "load", "overload", "voices"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--base", help="voices: the Base model (default: --model with CustomVoice -> Base)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
     args = parser.parse_args()
     args.env = dict(kv.split("=", 1) for kv in args.env)
-    {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "overload": scenario_overload}[
-        args.scenario](args)
+    {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "overload": scenario_overload,
+     "voices": scenario_voices}[args.scenario](args)
 
 
 if __name__ == "__main__":

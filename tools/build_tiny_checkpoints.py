@@ -15,7 +15,7 @@ Builds (seeded, byte-for-byte deterministic):
     tiny-1.7B-CustomVoice   the same speakers, tts_model_size 1b7: the configuration that accepts instructions
     tiny-0.6B-Base          voice cloning: empty speaker table, a speaker encoder, a speech-tokenizer encoder
     tiny-1.7B-VoiceDesign   voices designed from an instruction
-    random-0.6B-CustomVoice (--full-size only) the real 0.6B widths and depths with random weights: real costs
+    random-0.6B-CustomVoice, random-0.6B-Base (--full-size only) the real 0.6B geometry, random weights: real costs
 
 Usage in the server: MODEL_ID=build/checkpoints/tiny-0.6B-CustomVoice python server.py
 """
@@ -240,8 +240,9 @@ CHECKPOINTS = {
     "tiny-1.7B-CustomVoice": ("custom_voice", "1b7", "tiny"),
     "tiny-0.6B-Base": ("base", "0b6", "tiny"),
     "tiny-1.7B-VoiceDesign": ("voice_design", "1b7", "tiny"),
-    # For benchmarks only (--full-size): the real 0.6B geometry with random weights, 2.1 GB.
+    # For benchmarks only (--full-size): the real 0.6B geometry with random weights, about 2.1 GB each.
     "random-0.6B-CustomVoice": ("custom_voice", "0b6", "full"),
+    "random-0.6B-Base": ("base", "0b6", "full"),
 }
 TINY_NAMES = [name for name, (_, _, profile) in CHECKPOINTS.items() if profile == "tiny"]
 
@@ -376,7 +377,8 @@ def build_all(out_dir: Path, names: list[str] = TINY_NAMES, force: bool = False)
 
 def main(argv: list[str]) -> int:
     force = "--force" in argv
-    names = ["random-0.6B-CustomVoice"] if "--full-size" in argv else TINY_NAMES
+    names = [n for n, (_, _, profile) in CHECKPOINTS.items() if profile == "full"] if "--full-size" in argv \
+        else TINY_NAMES
     args = [a for a in argv if not a.startswith("--")]
     out_dir = Path(args[0]) if args else HERE.parent / "build" / "checkpoints"
     for p in build_all(out_dir, names, force=force):
