@@ -4626,6 +4626,7 @@ def serve_tls(app: FastAPI, settings: Settings) -> None:
     config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
     config.graceful_timeout = 10
+    config.umask = 0o111            # a Unix socket is created 0666, as uvicorn does: a proxy user can connect
     logger.info("serving HTTPS (HTTP/2 and HTTP/1.1) on {}", config.bind[0])
     asyncio.run(serve(app, config))
 
