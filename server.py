@@ -18,6 +18,7 @@ import gc
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import math
@@ -131,6 +132,7 @@ class Settings:
     max_queue_depth: int = 5
     max_batch_size: int = 4
     batch_wait_ms: float = 20.0
+    continuous_batching: bool = True
     max_input_chars: int = 4096
     segment_max_chars: int = 300
     text_normalize: bool = True
@@ -173,6 +175,7 @@ def load_settings(env: Optional[dict] = None) -> Settings:
         max_queue_depth=_env_number(env, "MAX_QUEUE_DEPTH", 5, 0, 10**6),
         max_batch_size=_env_number(env, "MAX_BATCH_SIZE", 4, 1, 256),
         batch_wait_ms=_env_number(env, "BATCH_WAIT_MS", 20, 0, 10_000, float),
+        continuous_batching=_env_bool(env, "CONTINUOUS_BATCHING", True),
         max_input_chars=_env_number(env, "MAX_INPUT_CHARS", 4096, 1, 10**7),
         segment_max_chars=_env_number(env, "SEGMENT_MAX_CHARS", 300, 20, 10**5),
         text_normalize=_env_bool(env, "TEXT_NORMALIZE", True),
@@ -2370,17 +2373,34 @@ class BatchSampler:
         self.suppressed[vocab_size - 1024:] = True      # control tokens, as Qwen3-TTS's generate() suppresses them
         self.suppressed[eos_id] = False
 
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def extend(self, other: BatchSampler) -> None:
+        """Append the rows of `other` (rows joining a running batch) after this sampler's rows."""
+        for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.generators = self.generators + other.generators
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows, in this order (rows that finished leave the batch)."""
+        index = torch.tensor(indices, dtype=torch.long, device=self.device)
+        for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.generators = [self.generators[i] for i in indices]
+
     def _uniforms(self) -> torch.Tensor:
         draws = [torch.rand((), generator=g).item() for g in self.generators]
         return torch.tensor(draws, dtype=torch.float32).to(self.device, non_blocking=True)
 
-    def first_codes(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The next frame's first code for every row; `step` counts talker calls, the prefill being 0."""
+    def first_codes(self, logits: torch.Tensor, step: Union[int, torch.Tensor]) -> torch.Tensor:
+        """The next frame's first code for every row; `step` counts each row's talker calls, its prefill being 0
+        (one number for all rows, or one per row)."""
         scores = logits.float()
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
         scores = torch.where(self.seen, penalised, scores).masked_fill(self.suppressed, float("-inf"))
-        if step < 2:
-            scores[:, self.eos_id] = float("-inf")
+        early = torch.as_tensor(step, device=scores.device).expand(scores.shape[0]) < 2
+        scores[:, self.eos_id] = scores[:, self.eos_id].masked_fill(early, float("-inf"))
         tokens = pick_tokens(scores, self.temperature, self.top_k, self.top_p, self._uniforms())
         self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
         return tokens
@@ -2542,54 +2562,221 @@ class Row:
         self._pending.clear()
 
 
-class _BatchComplete(Exception):
-    """Raised from the forward hook once every row is closed: stops generate() without a wasted step."""
+class _Prefilled(Exception):
+    """Raised from a forward hook right after the library's own prefill: carries the talker's state for the rows."""
+
+    def __init__(self, attention_mask: torch.Tensor, output: Any):
+        super().__init__("prefill done")
+        self.attention_mask, self.output = attention_mask, output
 
 
-class BatchRun:
-    """One generate() call over several rows. Hooks on the talker and its code predictor see every step: they route
-    each finished frame to its row, choose every row's next codes (BatchSampler), and end rows that are done."""
+def _left_pad(cache: Any, mask: torch.Tensor, length: int) -> tuple[tuple, torch.Tensor]:
+    """A batch's key/value cache (legacy layout) and attention mask, left-padded with masked positions to `length`."""
+    layers, extra = cache.to_legacy_cache(), length - mask.shape[1]
+    if extra:
+        layers = tuple((torch.nn.functional.pad(k, (0, 0, extra, 0)), torch.nn.functional.pad(v, (0, 0, extra, 0)))
+                       for k, v in layers)
+        mask = torch.nn.functional.pad(mask, (extra, 0))
+    return layers, mask
 
-    def __init__(self, rows: list[Row], sampler: BatchSampler, eos_id: int,
-                 on_step: Callable[[Optional[float]], None]):
-        self.rows, self.sampler, self.eos_id, self._on_step = rows, sampler, eos_id, on_step
-        self.steps = 0
+
+def merge_caches(cache_a: Any, mask_a: torch.Tensor, cache_b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Stack two batches' talker caches and masks row-wise; the shorter is left-padded with masked positions."""
+    from transformers import DynamicCache
+
+    length = max(mask_a.shape[1], mask_b.shape[1])
+    layers_a, mask_a = _left_pad(cache_a, mask_a, length)
+    layers_b, mask_b = _left_pad(cache_b, mask_b, length)
+    layers = tuple((torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(layers_a, layers_b,
+                                                                                           strict=True))
+    return DynamicCache.from_legacy_cache(layers), torch.cat([mask_a, mask_b])
+
+
+def select_cache_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> tuple[Any, torch.Tensor]:
+    """Keep these rows of a talker cache and mask, and drop the leading positions that are padding in all of them."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask.index_select(0, index)
+    start = int(mask.any(dim=0).int().argmax())
+    layers = tuple((k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                   for k, v in cache.to_legacy_cache())
+    return DynamicCache.from_legacy_cache(layers), mask[:, start:].contiguous()
+
+
+class DecodeBatch:
+    """Rows that generate together, one talker step at a time (continuous batching). A row joins at any step: its
+    prefill runs through the library's own generate(), stopped by a hook right after it, and its key/value cache
+    is stacked onto the batch's. A row leaves as soon as it ends. So a request that arrives while others generate
+    starts at the next step instead of waiting for the whole batch, and finished rows cost nothing.
+
+    Each row keeps its own text position and sampler state, so its audio does not depend on which rows share its
+    steps. Frames reach their rows as they are made; every row's next codes are chosen by BatchSampler and handed
+    to the model as one-hot logits (greedy), in the talker and in its code predictor."""
+
+    def __init__(self, manager: ModelManager, on_step: Callable[[Optional[float]], None],
+                 on_leave: Callable[[Job], None]):
+        self.tts, self.info = manager.tts, manager.info
+        self.talker = self.tts.model.talker
+        self.codec = self.tts.model.speech_tokenizer.model
+        self.eos_id = self.tts.model.config.talker_config.codec_eos_token_id
+        self.on_step, self.on_leave = on_step, on_leave
+        self.rows: list[Row] = []
+        self.joining: list[Job] = []                 # jobs whose rows are being prefilled
+        self.sampler: Optional[BatchSampler] = None
+        self.cache: Any = None                       # the talker's key/value cache, one row per Row
+        self.mask: Optional[torch.Tensor] = None     # [rows, positions]: 0 where a row is left-padded
+        self.past_hidden: Optional[torch.Tensor] = None
+        self.tokens: Optional[torch.Tensor] = None   # every row's next first code, already chosen
+        self.trailing: list[torch.Tensor] = []       # per row: the text embeddings still to feed, one per step
+        self.steps: list[int] = []                   # per row: talker calls so far, the prefill being call 0
+        self.pad_embed: Optional[torch.Tensor] = None
+        self.peak = 0
         self._last_step: Optional[float] = None
+        self._hook = self.talker.code_predictor.register_forward_hook(self._code_predictor_hook, with_kwargs=True)
 
-    def talker_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
-        codes = output.hidden_states[1]        # [batch, 16]: the frame completed in this step; None at prefill
-        if codes is not None:
-            first = codes[:, 0].tolist()
-            for i, row in enumerate(self.rows):
-                if row.closed:
-                    continue
-                if first[i] == self.eos_id:
-                    row.close("end")
-                else:
-                    row.add_frame(codes[i])
+    def __enter__(self) -> DecodeBatch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hook.remove()
+
+    # -- rows joining
+    def add(self, pairs: list[tuple[Job, int]]) -> None:
+        """Prefill these (job, segment) rows and add them to the batch."""
+        self.joining = [job for job, _ in pairs]
+        rows = [Row(job, segment, StreamingDecoder(self.codec)) for job, segment in pairs]
+        mask, out = self._prefill(rows)
+        sampler = BatchSampler([row.job.sampling for row in rows],
+                               [row.job.sampling.row_seed(row.segment) for row in rows],
+                               self.tts.generate_defaults, self.eos_id, self.talker.config.vocab_size,
+                               self.talker.device)
+        tokens = sampler.first_codes(out.logits[:, -1, :], 0)
+        if self.rows:
+            self.cache, self.mask = merge_caches(self.cache, self.mask, out.past_key_values, mask)
+            self.past_hidden = torch.cat([self.past_hidden, out.past_hidden])
+            self.tokens = torch.cat([self.tokens, tokens])
+            self.sampler.extend(sampler)
+        else:
+            self.cache, self.mask, self.past_hidden, self.tokens = out.past_key_values, mask, out.past_hidden, tokens
+            self.sampler = sampler
+        self.pad_embed = out.tts_pad_embed
+        self.trailing += list(out.trailing_text_hidden)
+        self.steps += [1] * len(rows)
+        self.rows += rows
+        self.joining = []
+        self.peak = max(self.peak, len(self.rows))
+        self._close_stopped(time.monotonic())
+        self._drop_closed()
+
+    def _prefill(self, rows: list[Row]) -> tuple[torch.Tensor, Any]:
+        """The library's generate() up to and including the talker's prefill, for these rows only."""
+        tts, info = self.tts, self.info
+        input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text) for row in rows])
+        for row, ids in zip(rows, input_ids, strict=True):
+            row.job.input_tokens += max(0, int(ids.shape[-1]) - 8)  # minus the chat template around the text
+        instruct_ids = [tts._tokenize_texts([tts._build_instruct_text(row.job.instructions)])[0]
+                        if row.job.instructions else None for row in rows]
+        voice_kwargs: dict[str, Any] = {"non_streaming_mode": True}
+        if info.kind == "base":   # cloned voices: the library's own prompt layout, and its default text mode
+            prompts = [row.job.voice_prompt for row in rows]
+            voice_kwargs = {"non_streaming_mode": False, "voice_clone_prompt": {
+                "ref_code": [p.ref_code for p in prompts], "ref_spk_embedding": [p.spk_embedding for p in prompts],
+                "x_vector_only_mode": [not p.icl for p in prompts], "icl_mode": [p.icl for p in prompts]},
+                "ref_ids": [tts._tokenize_texts([tts._build_ref_text(p.ref_text)])[0] if p.icl else None
+                            for p in prompts]}
+
+        def stop_after_prefill(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            raise _Prefilled(kwargs["attention_mask"], output)
+
+        hook = self.talker.register_forward_hook(stop_after_prefill, with_kwargs=True)
+        try:
+            tts.model.generate(
+                input_ids=input_ids, instruct_ids=instruct_ids,
+                speakers=[row.job.speaker for row in rows] if info.kind == "custom_voice" else None,
+                languages=[row.job.language for row in rows], **voice_kwargs, max_new_tokens=2, do_sample=False,
+                top_k=50, top_p=1.0, temperature=1.0, repetition_penalty=1.0, subtalker_dosample=False,
+                subtalker_top_k=50, subtalker_top_p=1.0, subtalker_temperature=1.0)
+        except _Prefilled as done:
+            return done.attention_mask, done.output
+        finally:
+            hook.remove()
+        raise RuntimeError("the talker was never called by generate()")
+
+    # -- one step
+    def step(self) -> None:
+        """One talker call for every row: completes each row's frame and chooses its next first code."""
+        count, length = len(self.rows), self.mask.shape[1]
+        pad = self.pad_embed.reshape(1, -1)
+        trailing = torch.cat([text[step - 1:step] if step - 1 < text.shape[0] else pad
+                              for text, step in zip(self.trailing, self.steps, strict=True)]).unsqueeze(1)
+        mask = torch.cat([self.mask, self.mask.new_ones(count, 1)], dim=1)
+        # Each row's position is its own count of real tokens (the library's rule for left-padded rows).
+        self.talker.rope_deltas = self.mask.sum(dim=-1, keepdim=True) - length
+        out = self.talker(input_ids=self.tokens.view(count, 1), attention_mask=mask, past_key_values=self.cache,
+                          use_cache=True, cache_position=torch.tensor([length], device=mask.device),
+                          past_hidden=self.past_hidden, trailing_text_hidden=trailing, tts_pad_embed=self.pad_embed,
+                          generation_step=0, subtalker_dosample=False, subtalker_top_k=50, subtalker_top_p=1.0,
+                          subtalker_temperature=1.0)
+        self.cache, self.mask, self.past_hidden = out.past_key_values, mask, out.past_hidden
+        codes = out.hidden_states[1]                 # [rows, 16]: the frame this step completed
+        first = codes[:, 0].tolist()
+        for i, row in enumerate(self.rows):
+            if first[i] == self.eos_id:
+                row.close("end")
+            else:
+                row.add_frame(codes[i])
         now = time.monotonic()
-        for row in self.rows:
-            if not row.closed and (reason := row.stop_reason(now)):
-                row.close(reason)
-        self._on_step(now - self._last_step if self._last_step is not None else None)
+        self._close_stopped(now)
+        self.on_step(now - self._last_step if self._last_step is not None else None)
         self._last_step = now
-        if all(row.closed for row in self.rows):
-            raise _BatchComplete
-        tokens = self.sampler.first_codes(output.logits[:, -1, :], self.steps)
-        if self.steps >= 2:  # generate() forbids end-of-speech for the first two frames (min_new_tokens=2)
-            closed = torch.tensor([row.closed for row in self.rows], device=tokens.device)
-            tokens = torch.where(closed, torch.full_like(tokens, self.eos_id), tokens)
-        force_tokens(output.logits, tokens)
-        self.steps += 1
-        return output
+        keep = self._drop_closed()
+        if self.rows:
+            logits = out.logits[:, -1, :].index_select(0, torch.tensor(keep, device=out.logits.device))
+            self.tokens = self.sampler.first_codes(logits, torch.tensor(self.steps, device=logits.device))
+            self.steps = [step + 1 for step in self.steps]
 
-    def code_predictor_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+    def _code_predictor_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         force_tokens(output.logits, self.sampler.sub_codes(output.logits[:, -1, :]))
         return output
 
-    def close_all(self) -> None:
+    # -- rows leaving
+    def _close_stopped(self, now: float) -> None:
         for row in self.rows:
-            row.close("end")
+            if not row.closed and (reason := row.stop_reason(now)):
+                row.close(reason)
+
+    def _drop_closed(self) -> list[int]:
+        """Remove the closed rows from every per-row state; return the indices of the rows kept."""
+        keep = [i for i, row in enumerate(self.rows) if not row.closed]
+        if len(keep) == len(self.rows):
+            return keep
+        gone = [row for row in self.rows if row.closed]
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            self.cache, self.mask = select_cache_rows(self.cache, self.mask, keep)
+            self.past_hidden = self.past_hidden.index_select(0, index)
+            self.tokens = self.tokens.index_select(0, index)
+            self.sampler.keep(keep)
+        else:
+            self.cache = self.mask = self.past_hidden = self.tokens = self.sampler = None
+        self.rows = [self.rows[i] for i in keep]
+        self.trailing = [self.trailing[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]
+        for row in gone:
+            self.on_leave(row.job)
+        return keep
+
+    def fail_all(self, error: ApiError) -> None:
+        """Something went wrong on the model: every row in the batch (or joining it) fails with `error`."""
+        jobs = [row.job for row in self.rows] + self.joining
+        for row in self.rows:
+            row.closed = True
+        self.rows, self.joining = [], []
+        self.cache = self.mask = self.past_hidden = self.tokens = self.sampler = None
+        for job in jobs:
+            job.fail(error)
+            self.on_leave(job)
 
 
 # ---- engine: loading, warming up and unloading one model
@@ -2908,15 +3095,22 @@ class Engine:
     def _pending_rows(self) -> int:
         return sum(len(job.pending_segments) for job in self._pending)
 
-    def _select_rows(self) -> list[tuple[Job, int]]:
-        """Oldest job first; every compatible job gets one row before any job gets a second (see README: fairness)."""
-        key = self._pending[0].batch_key
-        compatible = [job for job in self._pending if job.batch_key == key]
+    def _select_rows(self, key: Optional[str] = None, limit: Optional[int] = None,
+                     behind_others: bool = True) -> list[tuple[Job, int]]:
+        """Oldest job first; every compatible job gets one row before any job gets a second (see README: fairness).
+        Rows joining a running batch (behind_others False) come only from jobs older than the oldest waiting job of
+        another model, so that a batch kept alive by new arrivals cannot starve the other model."""
+        key = key or self._pending[0].batch_key
+        limit = self.settings.max_batch_size if limit is None else limit
+        if behind_others:
+            compatible = [job for job in self._pending if job.batch_key == key]
+        else:
+            compatible = list(itertools.takewhile(lambda job: job.batch_key == key, self._pending))
         chosen: list[tuple[Job, int]] = []
         now = time.monotonic()
         for one_each in (True, False):
             for job in compatible:
-                while job.pending_segments and len(chosen) < self.settings.max_batch_size:
+                while job.pending_segments and len(chosen) < limit:
                     chosen.append((job, job.pending_segments.popleft()))
                     job.running_rows += 1
                     if job.state == "queued":
@@ -2985,42 +3179,64 @@ class Engine:
                   instructions="A calm voice." if info.kind == "voice_design" else None, sampling=Sampling(seed=0),
                   first_chunk_frames=4, chunk_frames=4, timeout=600, loop=None, internal=True)
         try:
-            with torch.inference_mode():
-                self._generate(manager, [Row(job, 0, StreamingDecoder(manager.tts.model.speech_tokenizer.model))])
+            with torch.inference_mode(), DecodeBatch(manager, lambda _: None, lambda _: None) as batch:
+                batch.add([(job, 0)])
+                while batch.rows:
+                    batch.step()
             logger.info("warm-up of {} took {:.2f}s", manager.model_id, time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up is worth a warning, not a dead server
             logger.warning("warm-up of {} failed: {}", manager.model_id, exc)
 
     def _run_rows(self, chosen: list[tuple[Job, int]]) -> None:
+        """Generate these rows, and every row that joins them while they run, until none is left."""
         manager = self.manager(chosen[0][0].model_id)
-        jobs = {job.id: job for job, _ in chosen}
         try:
-            try:
-                self._load(manager)
-            except ModelUnavailable as exc:
-                self._fail_model_jobs(manager.model_id, jobs.values(), str(exc))
-                return
-            rows = [Row(job, seg, StreamingDecoder(manager.tts.model.speech_tokenizer.model)) for job, seg in chosen]
-            started = self.busy_since = time.monotonic()
+            self._load(manager)
+        except ModelUnavailable as exc:
+            self._fail_model_jobs(manager.model_id, {job.id: job for job, _ in chosen}.values(), str(exc))
+            for job, _ in chosen:
+                self._row_left(job)
+            return
+        started = self.busy_since = time.monotonic()
+        with DecodeBatch(manager, self._beat, self._row_left) as batch:
             try:
                 with torch.inference_mode():
-                    self._generate(manager, rows)
+                    batch.add(chosen)
+                    while batch.rows:
+                        batch.step()
+                        self._between_steps(manager, batch)
             except Exception as exc:  # noqa: BLE001 - reported to every job of the batch
-                error = self._generation_error(exc)
-                for row in rows:
-                    row.job.fail(error)
-                    row.closed = True
+                batch.fail_all(self._generation_error(exc))
             finally:
                 self.busy_since = None
                 manager.last_used = time.monotonic()
-                self.metrics.batch(len(rows), time.monotonic() - started)
-        finally:
+                self.metrics.batch(batch.peak, time.monotonic() - started)
+
+    def _between_steps(self, manager: ModelManager, batch: DecodeBatch) -> None:
+        """Run waiting model tasks (they are short), then let waiting rows of the same model join the batch."""
+        while True:
             with self._cond:
-                for job, _ in chosen:
-                    job.running_rows -= 1
-                for job in jobs.values():
-                    if job.over and job.running_rows == 0:
-                        self._release(job)
+                task = self._tasks.popleft() if self._tasks and not self._stopping else None
+            if task is None:
+                break
+            self._run_task(task)
+        free = self.settings.max_batch_size - len(batch.rows)
+        if free <= 0 or not self.settings.continuous_batching:
+            return
+        with self._cond:
+            if self._stopping:
+                return
+            self._drop_dead_jobs()
+            joining = self._select_rows(manager.model_id, free, behind_others=False) if self._pending else []
+        if joining:
+            batch.add(joining)
+
+    def _row_left(self, job: Job) -> None:
+        """A row of `job` left the batch (ended, stopped, or failed); release the job once it has no row left."""
+        with self._cond:
+            job.running_rows -= 1
+            if job.over and job.running_rows == 0:
+                self._release(job)
 
     def _run_task(self, task: ModelTask) -> None:
         manager = self.manager(task.model_id)
@@ -3046,46 +3262,6 @@ class Engine:
         for job in [*jobs, *waiting]:
             job.fail(error)
         self.metrics.model_loaded(False)
-
-    def _generate(self, manager: ModelManager, rows: list[Row]) -> None:
-        """One batched generate() call; frames reach each row through the talker's forward hook."""
-        tts, info = manager.tts, manager.info
-        talker = tts.model.talker
-        eos_id = tts.model.config.talker_config.codec_eos_token_id
-        input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text) for row in rows])
-        for row, ids in zip(rows, input_ids, strict=True):
-            row.job.input_tokens += max(0, int(ids.shape[-1]) - 8)  # minus the chat template around the text
-        instruct_ids = [tts._tokenize_texts([tts._build_instruct_text(row.job.instructions)])[0]
-                        if row.job.instructions else None for row in rows]
-        voice_kwargs: dict[str, Any] = {"non_streaming_mode": True}
-        if info.kind == "base":   # cloned voices: the library's own prompt layout, and its default text mode
-            prompts = [row.job.voice_prompt for row in rows]
-            voice_kwargs = {"non_streaming_mode": False, "voice_clone_prompt": {
-                "ref_code": [p.ref_code for p in prompts], "ref_spk_embedding": [p.spk_embedding for p in prompts],
-                "x_vector_only_mode": [not p.icl for p in prompts], "icl_mode": [p.icl for p in prompts]},
-                "ref_ids": [tts._tokenize_texts([tts._build_ref_text(p.ref_text)])[0] if p.icl else None
-                            for p in prompts]}
-        sampler = BatchSampler([row.job.sampling for row in rows],
-                               [row.job.sampling.row_seed(row.segment) for row in rows], tts.generate_defaults,
-                               eos_id, talker.config.vocab_size, talker.device)
-        run = BatchRun(rows, sampler, eos_id, on_step=self._beat)
-        hooks = [talker.register_forward_hook(run.talker_hook, with_kwargs=True),
-                 talker.code_predictor.register_forward_hook(run.code_predictor_hook, with_kwargs=True)]
-        try:
-            # Greedy over the one-hot logits the hooks write: the sampling happened in BatchSampler.
-            tts.model.generate(
-                input_ids=input_ids, instruct_ids=instruct_ids,
-                speakers=[row.job.speaker for row in rows] if info.kind == "custom_voice" else None,
-                languages=[row.job.language for row in rows], **voice_kwargs,
-                max_new_tokens=max(row.budget for row in rows) + 1, do_sample=False, top_k=50, top_p=1.0,
-                temperature=1.0, repetition_penalty=1.0, subtalker_dosample=False, subtalker_top_k=50,
-                subtalker_top_p=1.0, subtalker_temperature=1.0)
-        except _BatchComplete:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
-        run.close_all()
 
     def _beat(self, step_seconds: Optional[float]) -> None:
         self.heartbeat = time.monotonic()
@@ -4521,9 +4697,11 @@ class Metrics:
                               buckets=(.1, .25, .5, .75, 1, 1.5, 2, 3, 5, 10, 20, 50), registry=r)
         self._duration = Histogram("tts_request_duration_seconds", "Synthesis time per request",
                                    buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
-        self._inference = Histogram("tts_inference_duration_seconds", "Time of one batched generate() call",
+        self._inference = Histogram("tts_inference_duration_seconds",
+                                    "Time the model spent on one batch, from its first rows to its last",
                                     buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
-        self._batch = Histogram("tts_batch_size", "Rows per generate() call",
+        self._batch = Histogram("tts_batch_size", "Most rows generating together in one batch (rows join and leave "
+                                "at every step)",
                                 buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
         self._queue_wait = Histogram("tts_queue_wait_seconds", "From admission to the start of generation",
                                      buckets=(.005, .01, .05, .1, .25, .5, 1, 2, 5, 10, 30, 60), registry=r)

@@ -368,6 +368,72 @@ def test_batched_output_equals_unbatched_output_for_the_same_seed(engine, tiny_d
     np.testing.assert_array_equal(batched, reference)      # batching changes speed, not audio
 
 
+async def collect(job: Job, started: asyncio.Event) -> np.ndarray:
+    """All of a job's audio; `started` is set at its first chunk."""
+    chunks = []
+    while True:
+        kind, payload = await job.next_event(30)
+        if kind == "audio":
+            chunks.append(payload)
+            started.set()
+        elif kind == "error":
+            raise payload
+        else:
+            return np.concatenate(chunks)
+
+
+def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
+    """Continuous batching: rows that arrive while a batch runs join it at the next step (one with a prefill longer
+    than the batch's cache so far, one shorter), finish before it, and every row's audio is what it is alone."""
+    running = dict(segments=("Hi.",), budgets=(120,), sampling=Sampling(seed=5))
+    longer = dict(segments=("A much longer sentence, whose prefill is longer than the running row's cache.",),
+                  budgets=(15,), speaker="ryan", sampling=Sampling(seed=6))
+    shorter = dict(segments=("Yes.",), budgets=(15,), speaker="sohee", sampling=Sampling(seed=7, temperature=0.5))
+
+    async def alone(kw):
+        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, **kw)
+        engine.submit(job)
+        return await collect(job, asyncio.Event())
+
+    async def joined():
+        loop = asyncio.get_running_loop()
+        first = make_job(loop, model_id=tiny_dir, **running)
+        started = asyncio.Event()
+        engine.submit(first)
+        first_audio = asyncio.ensure_future(collect(first, started))
+        await started.wait()                                  # the batch is running
+        frames_at_join = first.output_frames
+        late = [make_job(loop, model_id=tiny_dir, **kw) for kw in (longer, shorter)]
+        for job in late:
+            engine.submit(job)
+        late_audio = await asyncio.gather(*(collect(job, asyncio.Event()) for job in late))
+        frames_when_late_done = first.output_frames
+        return await first_audio, late_audio, frames_at_join, frames_when_late_done
+
+    references = [asyncio.run(alone(kw)) for kw in (running, longer, shorter)]
+    assert references[0].size == 120 * 1920                  # the running row really runs its whole budget
+    first, late, frames_at_join, frames_when_late_done = asyncio.run(joined())
+    assert frames_when_late_done < 120, "the late requests waited for the running batch to finish"
+    assert frames_when_late_done - frames_at_join < 60
+    np.testing.assert_array_equal(first, references[0])
+    np.testing.assert_array_equal(late[0], references[1])
+    np.testing.assert_array_equal(late[1], references[2])
+    assert engine.queue_depth == 0
+
+
+def test_only_rows_ahead_of_another_models_request_join_a_running_batch(tiny_dir):
+    engine = Engine(Settings(model_id=tiny_dir, max_batch_size=8), Metrics(tiny_dir))
+    jobs = [make_job(None, model_id=model) for model in ("a", "a", "b", "a")]
+    for job in jobs:
+        engine.submit(job)
+    with engine._cond:
+        joining = engine._select_rows("a", 8, behind_others=False)
+    assert [job for job, _ in joining] == jobs[:2]          # the last "a" waits until "b" has had its turn
+    with engine._cond:
+        assert [job for job, _ in engine._select_rows()] == [jobs[2]]   # the next batch is the oldest: "b"
+        assert [job for job, _ in engine._select_rows()] == [jobs[3]]
+
+
 def test_unseeded_requests_differ():
     assert Sampling().row_seed(0) != Sampling().row_seed(0)
     assert Sampling(seed=1).row_seed(0) == Sampling(seed=1).row_seed(0) != Sampling(seed=1).row_seed(1)

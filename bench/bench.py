@@ -5,6 +5,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py core     [--model DIR]   # startup, load, request latency, /health during work
     .venv/bin/python bench/bench.py stream   [--model DIR]   # time to first audio and total, streamed vs buffered
     .venv/bin/python bench/bench.py load     [--model DIR]   # throughput and TTFA vs concurrency, batched vs serial
+    .venv/bin/python bench/bench.py arrivals [--model DIR]   # staggered arrivals: continuous vs static vs serial
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
     .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost, speech with a cached prompt
 
@@ -224,6 +225,48 @@ def scenario_load(args: argparse.Namespace) -> None:
         print(f"  concurrency {c}: batched / serial throughput = {by_key[('batched', c)] / by_key[('serial', c)]:.2f}x")
 
 
+def scenario_arrivals(args: argparse.Namespace) -> None:
+    """Clients that send their next request as soon as the previous one ends (no rounds), short and long inputs
+    mixed, so requests keep arriving while others generate: continuous batching against static batching
+    (CONTINUOUS_BATCHING=false: a request waits for the running batch to finish) and the serial server."""
+    clients = max(int(c) for c in args.concurrency.split(","))
+
+    async def measure(url: str) -> dict:
+        async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+            async def one_client(i: int) -> list[dict]:
+                results = []
+                for k in range(args.rounds):
+                    text = (SHORT, LONG)[(i + k) % 2]
+                    body = {"input": f"{text} ({i}.{k})", "voice": "alloy", "response_format": "pcm",
+                            "stream_format": "audio"}
+                    results.append({**await timed_request(client, body), "short": text == SHORT})
+                return results
+
+            started = time.monotonic()
+            results = [r for rs in await asyncio.gather(*(one_client(i) for i in range(clients))) for r in rs]
+            wall = time.monotonic() - started
+        ok = [r for r in results if r["status"] == 200]
+        short = [r["ttfa"] for r in ok if r["short"]]
+        return {"throughput": sum(r["audio_s"] for r in ok) / wall, "p50": pct([r["ttfa"] for r in ok], 50),
+                "p95": pct([r["ttfa"] for r in ok], 95), "short_p95": pct(short, 95),
+                "total_p50": pct([r["total"] for r in ok], 50), "errors": len(results) - len(ok)}
+
+    rows = []
+    for label, extra in (("continuous", {"MAX_BATCH_SIZE": str(args.batch)}),
+                         ("static", {"MAX_BATCH_SIZE": str(args.batch), "CONTINUOUS_BATCHING": "false"}),
+                         ("serial", {"MAX_BATCH_SIZE": "1"})):
+        env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0", "MAX_QUEUE_DEPTH": "0",
+               **extra, **args.env}
+        with running_server(env, wait_for="ready") as (url, _, _):
+            m = asyncio.run(measure(url))
+            rows.append([label, extra["MAX_BATCH_SIZE"], f"{m['throughput']:.2f}", fmt(m["p50"]), fmt(m["p95"]),
+                         fmt(m["short_p95"]), fmt(m["total_p50"]), m["errors"]])
+    table(f"arrivals: {args.model}, {clients} clients x {args.rounds} requests each, short and long inputs "
+          "alternating (throughput = audio s per wall s; times in s)",
+          ["mode", "MAX_BATCH_SIZE", "throughput", "ttfa_p50", "ttfa_p95", "short_ttfa_p95", "total_p50", "errors"],
+          rows)
+
+
 def scenario_overload(args: argparse.Namespace) -> None:
     env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "MAX_QUEUE_DEPTH": "8", "AUDIO_CACHE_MAX": "0",
            **args.env}
@@ -317,7 +360,7 @@ def scenario_voices(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["core", "stream", "load", "overload", "voices"])
+    parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -327,8 +370,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
     args = parser.parse_args()
     args.env = dict(kv.split("=", 1) for kv in args.env)
-    {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "overload": scenario_overload,
-     "voices": scenario_voices}[args.scenario](args)
+    {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "arrivals": scenario_arrivals,
+     "overload": scenario_overload, "voices": scenario_voices}[args.scenario](args)
 
 
 if __name__ == "__main__":
