@@ -2968,7 +2968,7 @@ class Engine:
         self._active: dict[str, Job] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self.busy_since: Optional[float] = None      # when the running generate() call started
+        self.busy_since: Optional[float] = None      # when the running batch started
         self.heartbeat = time.monotonic()            # last sign of life from the model thread
         self._step_seconds = 0.1                     # moving average of one generation step, for Retry-After
 

@@ -184,7 +184,7 @@ def test_batching_changes_speed_not_audio(url, http):
     for t in threads:
         t.join()
     assert all(r.status_code == 200 for r in results.values())
-    assert batch_count(http) - before < 3, "the three requests did not share a generate call"
+    assert batch_count(http) - before < 3, "the three requests did not share a batch"
     assert results[0].content == alone
 
 
