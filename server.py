@@ -2378,8 +2378,10 @@ class BatchSampler:
 
     def extend(self, other: BatchSampler) -> None:
         """Append the rows of `other` (rows joining a running batch) after this sampler's rows."""
-        for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen"):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        merged = {name: torch.cat([getattr(self, name), getattr(other, name)])
+                  for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen")}
+        for name, value in merged.items():
+            setattr(self, name, value)
         self.generators = self.generators + other.generators
 
     def keep(self, indices: list[int]) -> None:
@@ -2652,14 +2654,15 @@ class DecodeBatch:
                                self.tts.generate_defaults, self.eos_id, self.talker.config.vocab_size,
                                self.talker.device)
         tokens = sampler.first_codes(out.logits[:, -1, :], 0)
-        if self.rows:
-            self.cache, self.mask = merge_caches(self.cache, self.mask, out.past_key_values, mask)
-            self.past_hidden = torch.cat([self.past_hidden, out.past_hidden])
-            self.tokens = torch.cat([self.tokens, tokens])
+        cache, past_hidden = out.past_key_values, out.past_hidden
+        if self.rows:   # everything is computed before anything is changed: a failed join leaves the batch intact
+            cache, mask = merge_caches(self.cache, self.mask, cache, mask)
+            past_hidden = torch.cat([self.past_hidden, past_hidden])
+            tokens = torch.cat([self.tokens, tokens])
             self.sampler.extend(sampler)
         else:
-            self.cache, self.mask, self.past_hidden, self.tokens = out.past_key_values, mask, out.past_hidden, tokens
             self.sampler = sampler
+        self.cache, self.mask, self.past_hidden, self.tokens = cache, mask, past_hidden, tokens
         self.pad_embed = out.tts_pad_embed
         self.trailing += list(out.trailing_text_hidden)
         self.steps += [1] * len(rows)
@@ -2766,6 +2769,13 @@ class DecodeBatch:
         for row in gone:
             self.on_leave(row.job)
         return keep
+
+    def fail_joining(self, error: ApiError) -> None:
+        """Rows that could not join (their prefill failed) fail with `error`; the rows already running go on."""
+        jobs, self.joining = self.joining, []
+        for job in jobs:
+            job.fail(error)
+            self.on_leave(job)
 
     def fail_all(self, error: ApiError) -> None:
         """Something went wrong on the model: every row in the batch (or joining it) fails with `error`."""
@@ -3229,7 +3239,10 @@ class Engine:
             self._drop_dead_jobs()
             joining = self._select_rows(manager.model_id, free, behind_others=False) if self._pending else []
         if joining:
-            batch.add(joining)
+            try:
+                batch.add(joining)
+            except Exception as exc:  # noqa: BLE001 - only the joining requests fail
+                batch.fail_joining(self._generation_error(exc))
 
     def _row_left(self, job: Job) -> None:
         """A row of `job` left the batch (ended, stopped, or failed); release the job once it has no row left."""

@@ -421,6 +421,29 @@ def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
     assert engine.queue_depth == 0
 
 
+def test_a_request_that_fails_to_join_fails_alone(engine, tiny_dir):
+    """A row whose prefill fails (here a speaker the model does not know, which validation would normally stop)
+    fails its own request; the batch it tried to join goes on and its audio is whole."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        running = make_job(loop, model_id=tiny_dir, budgets=(60,), sampling=Sampling(seed=5))
+        started = asyncio.Event()
+        engine.submit(running)
+        audio = asyncio.ensure_future(collect(running, started))
+        await started.wait()
+        bad = make_job(loop, model_id=tiny_dir, speaker="nobody")
+        engine.submit(bad)
+        with pytest.raises(ApiError) as err:
+            await collect(bad, asyncio.Event())
+        return err.value, running.output_frames, await audio
+
+    error, frames_when_bad_failed, audio = asyncio.run(scenario())
+    assert error.status == 500 and "nobody" in error.message
+    assert frames_when_bad_failed < 60                       # it failed while the batch was running
+    assert audio.size == 60 * 1920
+    assert engine.queue_depth == 0
+
+
 def test_only_rows_ahead_of_another_models_request_join_a_running_batch(tiny_dir):
     engine = Engine(Settings(model_id=tiny_dir, max_batch_size=8), Metrics(tiny_dir))
     jobs = [make_job(None, model_id=model) for model in ("a", "a", "b", "a")]
