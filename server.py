@@ -3120,6 +3120,8 @@ class Engine:
         now = time.monotonic()
         for one_each in (True, False):
             for job in compatible:
+                if one_each and job.running_rows:
+                    continue    # it has a row generating already: requests without one go first
                 while job.pending_segments and len(chosen) < limit:
                     chosen.append((job, job.pending_segments.popleft()))
                     job.running_rows += 1

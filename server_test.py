@@ -457,6 +457,19 @@ def test_only_rows_ahead_of_another_models_request_join_a_running_batch(tiny_dir
         assert [job for job, _ in engine._select_rows()] == [jobs[3]]
 
 
+def test_a_free_row_goes_to_a_new_request_before_another_segment_of_a_running_one(tiny_dir):
+    engine = Engine(Settings(model_id=tiny_dir, max_batch_size=8), Metrics(tiny_dir))
+    long = make_job(None, model_id="a", segments=("One.", "Two.", "Three."), budgets=(5, 5, 5))
+    new = make_job(None, model_id="a")
+    engine.submit(long)
+    with engine._cond:
+        assert engine._select_rows("a", 1, behind_others=False) == [(long, 0)]
+    engine.submit(new)
+    with engine._cond:
+        assert engine._select_rows("a", 1, behind_others=False) == [(new, 0)]
+        assert engine._select_rows("a", 2, behind_others=False) == [(long, 1), (long, 2)]
+
+
 def test_unseeded_requests_differ():
     assert Sampling().row_seed(0) != Sampling().row_seed(0)
     assert Sampling(seed=1).row_seed(0) == Sampling(seed=1).row_seed(0) != Sampling(seed=1).row_seed(1)
