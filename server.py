@@ -3215,11 +3215,13 @@ class Engine:
                 with torch.inference_mode():
                     batch.add(chosen)
                     while batch.rows:
+                        self.metrics.batch_rows(len(batch.rows))
                         batch.step()
                         self._between_steps(manager, batch)
             except Exception as exc:  # noqa: BLE001 - reported to every job of the batch
                 batch.fail_all(self._generation_error(exc))
             finally:
+                self.metrics.batch_rows(0)
                 self.busy_since = None
                 manager.last_used = time.monotonic()
                 self.metrics.batch(batch.peak, time.monotonic() - started)
@@ -4721,6 +4723,7 @@ class Metrics:
         self._queue_wait = Histogram("tts_queue_wait_seconds", "From admission to the start of generation",
                                      buckets=(.005, .01, .05, .1, .25, .5, 1, 2, 5, 10, 30, 60), registry=r)
         self._queue = Gauge("tts_queue_depth", "Requests queued or running", registry=r)
+        self._rows = Gauge("tts_batch_rows", "Rows generating together now (0 when the model is idle)", registry=r)
         self._loaded = Gauge("tts_model_loaded", "1 when the model is in memory", ["model"], registry=r)
         self._model_id = model_id
         self._loaded.labels(model_id).set(0)
@@ -4745,6 +4748,9 @@ class Metrics:
     def batch(self, size: int, seconds: float) -> None:
         self._batch.observe(size)
         self._inference.observe(seconds)
+
+    def batch_rows(self, rows: int) -> None:
+        self._rows.set(rows)
 
     def queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)

@@ -403,11 +403,13 @@ def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
         first_audio = asyncio.ensure_future(collect(first, started))
         await started.wait()                                  # the batch is running
         frames_at_join = first.output_frames
+        rows_while_running = engine.metrics.registry.get_sample_value("tts_batch_rows")
         late = [make_job(loop, model_id=tiny_dir, **kw) for kw in (longer, shorter)]
         for job in late:
             engine.submit(job)
         late_audio = await asyncio.gather(*(collect(job, asyncio.Event()) for job in late))
         frames_when_late_done = first.output_frames
+        assert rows_while_running >= 1
         return await first_audio, late_audio, frames_at_join, frames_when_late_done
 
     references = [asyncio.run(alone(kw)) for kw in (running, longer, shorter)]
@@ -419,6 +421,10 @@ def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
     np.testing.assert_array_equal(late[0], references[1])
     np.testing.assert_array_equal(late[1], references[2])
     assert engine.queue_depth == 0
+    deadline = time.monotonic() + 10
+    while engine.metrics.registry.get_sample_value("tts_batch_rows") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.metrics.registry.get_sample_value("tts_batch_rows") == 0
 
 
 def test_a_request_that_fails_to_join_fails_alone(engine, tiny_dir):

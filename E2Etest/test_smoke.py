@@ -111,7 +111,7 @@ def test_metrics_are_prometheus_text(http):
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for name in ("tts_requests_total", "tts_time_to_first_audio_seconds", "tts_model_loaded",
-                 "tts_inference_duration_seconds", "tts_queue_depth", "tts_batch_size"):
+                 "tts_inference_duration_seconds", "tts_queue_depth", "tts_batch_size", "tts_batch_rows"):
         assert name in r.text
 
 
