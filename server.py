@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Literal, NamedTuple, Optional, Protocol, Union, cast
+from typing import Any, Generic, Literal, NamedTuple, Optional, Protocol, TypeVar, Union, cast
 
 import av
 import av.filter
@@ -1995,31 +1995,38 @@ def reference_audio(data: bytes, param: str) -> np.ndarray:
     return pcm
 
 
-class PromptCache:
-    """LRU of voice-clone prompts (VOICE_CACHE_MAX): a repeated reference or a stored voice is encoded only once."""
+_Value = TypeVar("_Value")
+
+
+class LruCache(Generic[_Value]):
+    """A bounded, thread-safe LRU that counts hits and misses; 0 entries turns it off. It holds finished responses
+    (AUDIO_CACHE_MAX: an identical request skips the model) and voice-clone prompts (VOICE_CACHE_MAX: a repeated
+    reference or a stored voice is encoded once)."""
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[str, VoicePrompt] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, _Value] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
+        self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> Optional[VoicePrompt]:
+    def get(self, key: str) -> Optional[_Value]:
         with self._lock:
-            prompt = self._entries.get(key)
-            if prompt is not None:
-                self.hits += 1
-                self._entries.move_to_end(key)
-            return prompt
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return value
 
-    def put(self, key: str, prompt: VoicePrompt) -> None:
+    def put(self, key: str, value: _Value) -> None:
         with self._lock:
             if self.max_entries <= 0:
                 return
-            self._entries[key] = prompt
+            self._entries[key] = value
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -2346,6 +2353,8 @@ class BatchSampler:
     the hooks hand it one-hot logits of the tokens chosen here, following the library's rules (generation_config
     defaults, repetition penalty on the first codebook, suppressed control tokens, no end before two frames)."""
 
+    _PER_ROW = ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen")   # tensors with one row per row
+
     def __init__(self, samplings: list[Sampling], seeds: list[int], defaults: dict, eos_id: int, vocab_size: int,
                  device: torch.device):
         def per_row(values: list[float]) -> torch.Tensor:
@@ -2378,8 +2387,7 @@ class BatchSampler:
 
     def extend(self, other: BatchSampler) -> None:
         """Append the rows of `other` (rows joining a running batch) after this sampler's rows."""
-        merged = {name: torch.cat([getattr(self, name), getattr(other, name)])
-                  for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen")}
+        merged = {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in self._PER_ROW}
         for name, value in merged.items():
             setattr(self, name, value)
         self.generators = self.generators + other.generators
@@ -2387,7 +2395,7 @@ class BatchSampler:
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows, in this order (rows that finished leave the batch)."""
         index = torch.tensor(indices, dtype=torch.long, device=self.device)
-        for name in ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen"):
+        for name in self._PER_ROW:
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.generators = [self.generators[i] for i in indices]
 
@@ -3831,40 +3839,6 @@ class VoiceChoice:
     prompt: Optional[VoicePrompt] = None
 
 
-class AudioCache:
-    """LRU of finished responses (AUDIO_CACHE_MAX entries): an identical request skips the model entirely."""
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self._entries: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> Optional[bytes]:
-        data = self._entries.get(key)
-        if data is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if self.max_entries <= 0:
-            return
-        self._entries[key] = data
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> int:
-        count = len(self._entries)
-        self._entries.clear()
-        return count
-
-
 class ClientGone(Exception):
     """The client disconnected before the response was ready."""
 
@@ -3941,8 +3915,8 @@ class Server:
         self.metrics = Metrics(settings.model_id)
         self.engine = Engine(settings, self.metrics)
         self.metrics.track_queue_depth(lambda: self.engine.queue_depth)
-        self.cache = AudioCache(settings.audio_cache_max)
-        self.prompts = PromptCache(settings.voice_cache_max)
+        self.cache: LruCache[bytes] = LruCache(settings.audio_cache_max)
+        self.prompts: LruCache[VoicePrompt] = LruCache(settings.voice_cache_max)
         self._store: Optional[VoiceStore] = None
         self.started = time.time()
 

@@ -34,10 +34,10 @@ import server  # noqa: E402
 from server import (  # noqa: E402  # noqa: E402
     FORMATS,
     ApiError,
-    AudioCache,
     AudioEncoder,
     Engine,
     Job,
+    LruCache,
     Metrics,
     ModelInfo,
     Resampler,
@@ -171,14 +171,14 @@ def test_model_info_from_a_real_config():
 
 # ---- caches and plans
 def test_audio_cache_is_lru_and_bounded():
-    cache = AudioCache(2)
+    cache = LruCache(2)
     cache.put("a", b"1")
     cache.put("b", b"2")
     assert cache.get("a") == b"1"          # a is now the most recent
     cache.put("c", b"3")
     assert cache.get("b") is None and cache.get("a") == b"1" and cache.get("c") == b"3"
     assert (cache.hits, cache.misses) == (3, 1) and cache.clear() == 2 and len(cache) == 0
-    off = AudioCache(0)
+    off = LruCache(0)
     off.put("a", b"1")
     assert off.get("a") is None
 
@@ -1692,7 +1692,7 @@ def test_reference_audio_is_checked_and_resampled():
 
 
 def test_the_prompt_cache_is_lru_and_counts_hits():
-    cache = server.PromptCache(2)
+    cache = server.LruCache(2)
     a, b, c = _prompt(), _prompt(), _prompt()
     cache.put("a", a)
     cache.put("b", b)

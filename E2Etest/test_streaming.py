@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import decode
+from conftest import checkpoint, decode, start_server
 
 TEXT = "Streaming starts before the sentence is finished."
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
@@ -144,21 +144,27 @@ def test_a_disconnect_frees_the_queue_slot_and_the_model(url, http, path):
     wait_for_idle_queue(http)
 
 
-def test_a_client_that_gives_up_before_any_audio_releases_its_queued_request(url, http):
-    long_text = " ".join(["A seeded request runs alone, so the next one has to wait for it."] * 4)
-    with httpx.Client(base_url=url, timeout=60) as a_client, \
-            a_client.stream("POST", "/v1/audio/speech/stream/pcm",
+def test_a_client_that_gives_up_before_any_audio_releases_its_queued_request():
+    # One row at a time, so the second request really waits in the queue (with a free row it would join at once).
+    proc = start_server("one-row", MODEL_ID=checkpoint("tiny-0.6B-CustomVoice"), MAX_BATCH_SIZE="1")
+    long_text = " ".join(["With one row, the next request has to wait for this one."] * 4)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=60) as http, \
+                http.stream("POST", "/v1/audio/speech/stream/pcm",
                             json={"input": long_text, "voice": "nova", "seed": 1}) as a:
-        a_chunks = a.iter_raw()
-        next(a_chunks)                                      # A holds the model
-        with httpx.Client(base_url=url, timeout=0.5) as b_client, pytest.raises(httpx.ReadTimeout):
-            b_client.post("/v1/audio/speech/stream/pcm", json={"input": "Never mind.", "voice": "nova"})
-        deadline = time.monotonic() + 5
-        while http.get("/health").json()["queue_depth"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = http.get("/health").json()
-        assert health["queue_depth"] == 1 and health["busy"], health   # only A is left, still running
-    wait_for_idle_queue(http)
+            a_chunks = a.iter_raw()
+            next(a_chunks)                                      # A holds the model
+            with httpx.Client(base_url=proc.url, timeout=0.5) as b_client, pytest.raises(httpx.ReadTimeout):
+                b_client.post("/v1/audio/speech/stream/pcm", json={"input": "Never mind.", "voice": "nova"})
+            deadline = time.monotonic() + 5
+            while http.get("/health").json()["queue_depth"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            health = http.get("/health").json()
+            assert health["queue_depth"] == 1 and health["busy"], health   # only A is left, still running
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            wait_for_idle_queue(http)
+    finally:
+        proc.stop()
 
 
 def test_a_slow_reader_stalls_nobody_and_loses_nothing(url, http):
