@@ -32,7 +32,8 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Generic, Literal, NamedTuple, Optional, Protocol, TypeVar, Union, cast
@@ -55,7 +56,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 VERSION = "0.1.0"
 SAMPLE_RATE = 24000          # Qwen3-TTS 12 Hz codec output rate
 SAMPLES_PER_FRAME = 1920     # one codec frame = 80 ms
-FRAMES_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_FRAME
+# Response formats and their content types (OpenAI's six, plus the seed's Ogg Vorbis).
+FORMATS: dict[str, str] = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                           "wav": "audio/wav", "pcm": "audio/pcm", "ogg": "audio/ogg"}
 
 
 # ---- configuration: every environment variable, read and validated in one place
@@ -63,15 +66,17 @@ class SettingsError(ValueError):
     """A bad environment variable; the message names it."""
 
 
-def _env_str(env: dict, name: str, default: str) -> str:
-    return env.get(name, default).strip()
+def setting(env: str, default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
+            choices: tuple[str, ...] = (), pattern: Optional[str] = None,
+            parse: Optional[Callable[[str, str], Any]] = None) -> Any:
+    """A Settings field read from the environment variable `env`: its default, and what a valid value is (a range for
+    numbers, choices or a pattern for words, or a parser of its own). Unset or blank means the default."""
+    return field(default=default, metadata={"env": env, "lo": lo, "hi": hi, "choices": choices, "pattern": pattern,
+                                            "parse": parse})
 
 
-def _env_bool(env: dict, name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
@@ -79,135 +84,171 @@ def _env_bool(env: dict, name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
-def _env_number(env: dict, name: str, default: float, lo: float, hi: float, kind: type = int) -> Any:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return kind(default)
-    try:
-        value = kind(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name} must be between {lo:g} and {hi:g}, got {raw!r}")
-    return value
-
-
-def _env_choice(env: dict, name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = _env_str(env, name, default).lower() or default
-    if value not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
-    return value
-
-
-def _parse_cpu_list(spec: str) -> frozenset[int]:
+def _parse_cpu_list(name: str, spec: str) -> frozenset[int]:
     """'0-3,6' -> {0, 1, 2, 3, 6}."""
     cores: set[int] = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         lo, _, hi = part.partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise SettingsError(f"INFERENCE_CPU_CORES must look like 0-3,6, got {spec!r}")
+            raise SettingsError(f"{name} must look like 0-3,6, got {spec!r}")
         cores.update(range(int(lo), int(hi or lo) + 1))
     return frozenset(cores)
 
 
+def _parse_setting(f: Any, raw: str) -> Any:
+    """One variable's text -> its value, by the field's type and rules."""
+    name, rules, kind = f.metadata["env"], f.metadata, type(f.default)
+    if rules["parse"] is not None:
+        return rules["parse"](name, raw)
+    if kind is bool:
+        return _parse_bool(name, raw)
+    if kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+        if (rules["lo"] is not None and value < rules["lo"]) or (rules["hi"] is not None and value > rules["hi"]):
+            raise SettingsError(f"{name} must be between {rules['lo']:g} and {rules['hi']:g}, got {raw!r}")
+        return value
+    if rules["choices"]:
+        if raw.lower() not in rules["choices"]:
+            raise SettingsError(f"{name} must be one of {', '.join(rules['choices'])}, got {raw!r}")
+        return raw.lower()
+    if rules["pattern"] and not re.fullmatch(rules["pattern"], raw.lower()):
+        raise SettingsError(f"{name} must match {rules['pattern']}, got {raw!r}")
+    return raw.lower() if rules["pattern"] else raw
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The server's configuration; see the README for each variable."""
+    """The server's configuration: one field per environment variable, its default stated here only (the README's
+    tables say what each one does)."""
 
-    model_id: str = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
-    base_model_id: str = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
-    voice_design_model_id: str = "Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign"
-    data_dir: str = "data"
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    attn_implementation: str = "auto"
-    torch_compile: bool = True
-    preload_model: bool = False
-    warmup: bool = True
-    idle_timeout: float = 120.0
-    request_timeout: float = 300.0
-    max_queue_depth: int = 5
-    max_batch_size: int = 4
-    batch_wait_ms: float = 20.0
-    continuous_batching: bool = True
-    max_input_chars: int = 4096
-    segment_max_chars: int = 300
-    text_normalize: bool = True
-    default_response_format: str = "mp3"
-    default_voice: str = "vivian"
-    stream_first_chunk_frames: int = 4
-    stream_chunk_frames: int = 16
-    audio_cache_max: int = 256
-    voice_cache_max: int = 32
-    prometheus_enabled: bool = True
-    log_format: str = "json"
-    log_level: str = "INFO"
-    inference_cpu_cores: frozenset[int] = frozenset()
-    unix_socket_path: str = ""
-    ssl_keyfile: str = ""
-    ssl_certfile: str = ""
+    # models and where they run
+    model_id: str = setting("MODEL_ID", "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+    base_model_id: str = setting("BASE_MODEL_ID", "Qwen/Qwen3-TTS-12Hz-0.6B-Base")
+    voice_design_model_id: str = setting("VOICE_DESIGN_MODEL_ID", "Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign")
+    device: str = setting("DEVICE", "auto", pattern=r"auto|cpu|cuda(:\d+)?|mps")
+    dtype: str = setting("DTYPE", "auto", choices=("auto", "bfloat16", "float16", "float32"))
+    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "auto",
+                                       choices=("auto", "flash_attention_2", "sdpa", "eager"))
+    torch_compile: bool = setting("TORCH_COMPILE", True)
+    preload_model: bool = setting("PRELOAD_MODEL", False)
+    warmup: bool = setting("WARMUP", True)
+    idle_timeout: float = setting("IDLE_TIMEOUT", 120.0, lo=0, hi=10**7)
+    inference_cpu_cores: frozenset = setting("INFERENCE_CPU_CORES", frozenset(), parse=_parse_cpu_list)
+    # the queue and batching
+    request_timeout: float = setting("REQUEST_TIMEOUT", 300.0, lo=1, hi=10**6)
+    max_queue_depth: int = setting("MAX_QUEUE_DEPTH", 5, lo=0, hi=10**6)
+    max_batch_size: int = setting("MAX_BATCH_SIZE", 4, lo=1, hi=256)
+    batch_wait_ms: float = setting("BATCH_WAIT_MS", 20.0, lo=0, hi=10_000)
+    continuous_batching: bool = setting("CONTINUOUS_BATCHING", True)
+    # requests and responses
+    max_input_chars: int = setting("MAX_INPUT_CHARS", 4096, lo=1, hi=10**7)
+    segment_max_chars: int = setting("SEGMENT_MAX_CHARS", 300, lo=20, hi=10**5)
+    text_normalize: bool = setting("TEXT_NORMALIZE", True)
+    default_response_format: str = setting("DEFAULT_RESPONSE_FORMAT", "mp3", choices=tuple(FORMATS))
+    default_voice: str = setting("DEFAULT_VOICE", "vivian", parse=lambda _, raw: raw.lower())
+    stream_first_chunk_frames: int = setting("STREAM_FIRST_CHUNK_FRAMES", 4, lo=1, hi=1000)
+    stream_chunk_frames: int = setting("STREAM_CHUNK_FRAMES", 16, lo=1, hi=1000)
+    audio_cache_max: int = setting("AUDIO_CACHE_MAX", 256, lo=0, hi=10**6)
+    voice_cache_max: int = setting("VOICE_CACHE_MAX", 32, lo=0, hi=10**6)
+    data_dir: str = setting("DATA_DIR", "data")
+    # serving and observability
+    host: str = setting("HOST", "0.0.0.0")
+    port: int = setting("PORT", 8000, lo=1, hi=65535)
+    api_key: str = setting("API_KEY", "")
+    unix_socket_path: str = setting("UNIX_SOCKET_PATH", "")
+    ssl_keyfile: str = setting("SSL_KEYFILE", "")
+    ssl_certfile: str = setting("SSL_CERTFILE", "")
+    prometheus_enabled: bool = setting("PROMETHEUS_ENABLED", True)
+    log_format: str = setting("LOG_FORMAT", "json", choices=("json", "text"))
+    log_level: str = setting("LOG_LEVEL", "INFO", choices=("trace", "debug", "info", "success", "warning", "error",
+                                                          "critical"))
+
+
+ENV_VARIABLES: tuple[str, ...] = tuple(f.metadata["env"] for f in dataclass_fields(Settings))
 
 
 def load_settings(env: Optional[dict] = None) -> Settings:
     """Read every variable from the environment; a bad value raises SettingsError naming the variable."""
-    env = dict(os.environ if env is None else env)
-    s = Settings(
-        model_id=_env_str(env, "MODEL_ID", Settings.model_id) or Settings.model_id,
-        base_model_id=_env_str(env, "BASE_MODEL_ID", Settings.base_model_id) or Settings.base_model_id,
-        voice_design_model_id=(_env_str(env, "VOICE_DESIGN_MODEL_ID", Settings.voice_design_model_id)
-                               or Settings.voice_design_model_id),
-        data_dir=_env_str(env, "DATA_DIR", Settings.data_dir) or Settings.data_dir,
-        host=_env_str(env, "HOST", Settings.host) or Settings.host,
-        port=_env_number(env, "PORT", Settings.port, 1, 65535),
-        api_key=_env_str(env, "API_KEY", ""),
-        device=_env_str(env, "DEVICE", "auto").lower() or "auto",
-        dtype=_env_choice(env, "DTYPE", "auto", ("auto", "bfloat16", "float16", "float32")),
-        attn_implementation=_env_choice(
-            env, "ATTN_IMPLEMENTATION", "auto", ("auto", "flash_attention_2", "sdpa", "eager")),
-        torch_compile=_env_bool(env, "TORCH_COMPILE", True),
-        preload_model=_env_bool(env, "PRELOAD_MODEL", False),
-        warmup=_env_bool(env, "WARMUP", True),
-        idle_timeout=_env_number(env, "IDLE_TIMEOUT", 120, 0, 10**7, float),
-        request_timeout=_env_number(env, "REQUEST_TIMEOUT", 300, 1, 10**6, float),
-        max_queue_depth=_env_number(env, "MAX_QUEUE_DEPTH", 5, 0, 10**6),
-        max_batch_size=_env_number(env, "MAX_BATCH_SIZE", 4, 1, 256),
-        batch_wait_ms=_env_number(env, "BATCH_WAIT_MS", 20, 0, 10_000, float),
-        continuous_batching=_env_bool(env, "CONTINUOUS_BATCHING", True),
-        max_input_chars=_env_number(env, "MAX_INPUT_CHARS", 4096, 1, 10**7),
-        segment_max_chars=_env_number(env, "SEGMENT_MAX_CHARS", 300, 20, 10**5),
-        text_normalize=_env_bool(env, "TEXT_NORMALIZE", True),
-        default_response_format=_env_choice(
-            env, "DEFAULT_RESPONSE_FORMAT", "mp3", ("mp3", "opus", "aac", "flac", "wav", "pcm", "ogg")),
-        default_voice=_env_str(env, "DEFAULT_VOICE", "vivian").lower() or "vivian",
-        stream_first_chunk_frames=_env_number(env, "STREAM_FIRST_CHUNK_FRAMES", 4, 1, 1000),
-        stream_chunk_frames=_env_number(env, "STREAM_CHUNK_FRAMES", 16, 1, 1000),
-        audio_cache_max=_env_number(env, "AUDIO_CACHE_MAX", 256, 0, 10**6),
-        voice_cache_max=_env_number(env, "VOICE_CACHE_MAX", 32, 0, 10**6),
-        prometheus_enabled=_env_bool(env, "PROMETHEUS_ENABLED", True),
-        log_format=_env_choice(env, "LOG_FORMAT", "json", ("json", "text")),
-        log_level=_env_choice(
-            env, "LOG_LEVEL", "info", ("trace", "debug", "info", "success", "warning", "error", "critical")).upper(),
-        inference_cpu_cores=_parse_cpu_list(_env_str(env, "INFERENCE_CPU_CORES", "")),
-        unix_socket_path=_env_str(env, "UNIX_SOCKET_PATH", ""),
-        ssl_keyfile=_env_str(env, "SSL_KEYFILE", ""),
-        ssl_certfile=_env_str(env, "SSL_CERTFILE", ""),
-    )
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", s.device):
-        raise SettingsError(f"DEVICE must be auto, cpu, cuda, cuda:N or mps, got {env.get('DEVICE')!r}")
+    env = os.environ if env is None else env
+    values = {}
+    for f in dataclass_fields(Settings):
+        raw = str(env.get(f.metadata["env"]) or "").strip()
+        if raw:
+            values[f.name] = _parse_setting(f, raw)
+    s = Settings(**values)
     if bool(s.ssl_keyfile) != bool(s.ssl_certfile):
         raise SettingsError("SSL_KEYFILE and SSL_CERTFILE must be set together")
-    return s
+    return replace(s, log_level=s.log_level.upper())
 
 
-# ---- request models and the OpenAI error envelope
-ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
+# ---- errors: failures in the words of the part that meets them; `api_error` alone turns them into HTTP answers
+class ServiceError(Exception):
+    """A failure that the engine, the voice store or the text pipeline reports in its own terms. Subclasses say what
+    went wrong; `api_error()` chooses the HTTP status and the OpenAI error envelope. `retry_after` (seconds) tells
+    clients when trying again makes sense."""
+
+    retry_after: Optional[int] = None
 
 
-class ApiError(Exception):
-    """An error with its HTTP status, answered as {"error": {message, type, param, code}}."""
+class ShuttingDown(ServiceError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class QueueFull(ServiceError):
+    def __init__(self, depth: int, limit: int, retry_after: int):
+        super().__init__(f"the server is busy: {depth} requests are queued or running (MAX_QUEUE_DEPTH={limit}); "
+                         f"retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+class TimedOut(ServiceError):
+    """Something did not finish within its time limit; the message says what and which limit."""
+
+
+class ModelUnavailable(ServiceError):
+    """The model could not be loaded or is the wrong kind; the message says why and what to set."""
+
+    retry_after = 5
+
+
+class OutOfMemory(ServiceError):
+    retry_after = 2
+
+    def __init__(self) -> None:
+        super().__init__("the GPU ran out of memory during synthesis; retry, or lower MAX_BATCH_SIZE")
+
+
+class SynthesisFailed(ServiceError):
+    """The model raised while generating; the message names the cause."""
+
+
+class StoreUnavailable(ServiceError):
+    """The voice store cannot be opened or reached."""
+
+
+class NotFound(ServiceError):
+    """A voice, consent or model that does not exist; `code` names what (voice_not_found...)."""
+
+    def __init__(self, message: str, *, param: Optional[str], code: str):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class Conflict(ServiceError):
+    """A name that is taken, or something still in use; `code` says which."""
+
+    def __init__(self, message: str, *, param: Optional[str], code: str):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ApiError(ServiceError):
+    """An error already in HTTP terms (a bad request field, a missing API key), answered as
+    {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
@@ -217,6 +258,35 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Each domain error's HTTP status, OpenAI error type and code (None: the error carries its own code).
+HTTP_ERRORS: dict[type[ServiceError], tuple[int, str, Optional[str]]] = {
+    ShuttingDown: (503, "server_error", "shutting_down"),
+    QueueFull: (503, "server_error", "queue_full"),
+    TimedOut: (504, "server_error", "timeout"),
+    ModelUnavailable: (503, "server_error", "model_unavailable"),
+    OutOfMemory: (503, "server_error", "out_of_memory"),
+    SynthesisFailed: (500, "server_error", "synthesis_failed"),
+    StoreUnavailable: (503, "server_error", "voice_store_unavailable"),
+    NotFound: (404, "invalid_request_error", None),
+    Conflict: (409, "invalid_request_error", None),
+}
+
+
+def api_error(exc: ServiceError) -> ApiError:
+    """The HTTP answer to a domain error: its status, envelope and Retry-After."""
+    if isinstance(exc, ApiError):
+        return exc
+    kind = next(k for k in type(exc).__mro__ if k in HTTP_ERRORS)
+    status, error_type, code = HTTP_ERRORS[kind]
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return ApiError(status, str(exc), type=error_type, param=getattr(exc, "param", None),
+                    code=getattr(exc, "code", None) or code, headers=headers)
+
+
+# ---- request models
+ResponseFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 
 class VoiceRef(BaseModel):
@@ -2108,8 +2178,8 @@ class VoiceStore:
     def delete_consent(self, consent_id: str) -> bool:
         users = self._rows("SELECT name FROM voices WHERE consent_id = ?", consent_id)
         if users:
-            raise ApiError(409, f"consent {consent_id} is used by the voices {', '.join(r['name'] for r in users)}; "
-                                "delete them first", param="consent_id", code="consent_in_use")
+            raise Conflict(f"consent {consent_id} is used by the voices {', '.join(r['name'] for r in users)}; "
+                           "delete them first", param="consent_id", code="consent_in_use")
         return self._delete("consents", consent_id)
 
     # -- voices
@@ -2160,7 +2230,7 @@ class VoiceStore:
                     self._db.execute("ROLLBACK")
                     raise
         except sqlite3.IntegrityError:
-            raise ApiError(409, f"a voice named {row['name']!r} exists already", param="name",
+            raise Conflict(f"a voice named {row['name']!r} exists already", param="name",
                            code="voice_name_taken") from None
         finally:
             _remove_tree(staging)
@@ -2493,7 +2563,7 @@ class Job:
             self.state = "done"
             self._push("done", None)
 
-    def fail(self, error: ApiError) -> None:
+    def fail(self, error: ServiceError) -> None:
         if not self.over:
             self.state = "failed"
             self._held.clear()
@@ -2555,8 +2625,7 @@ class Row:
             return
         self.closed = True
         if reason == "timeout":
-            self.job.fail(ApiError(504, f"synthesis did not finish within REQUEST_TIMEOUT={self.job.timeout:g}s",
-                                   type="server_error", code="timeout"))
+            self.job.fail(TimedOut(f"synthesis did not finish within REQUEST_TIMEOUT={self.job.timeout:g}s"))
         if self.job.over:
             self._pending.clear()
             return
@@ -2778,14 +2847,14 @@ class DecodeBatch:
             self.on_leave(row.job)
         return keep
 
-    def fail_joining(self, error: ApiError) -> None:
+    def fail_joining(self, error: ServiceError) -> None:
         """Rows that could not join (their prefill failed) fail with `error`; the rows already running go on."""
         jobs, self.joining = self.joining, []
         for job in jobs:
             job.fail(error)
             self.on_leave(job)
 
-    def fail_all(self, error: ApiError) -> None:
+    def fail_all(self, error: ServiceError) -> None:
         """Something went wrong on the model: every row in the batch (or joining it) fails with `error`."""
         jobs = [row.job for row in self.rows] + self.joining
         for row in self.rows:
@@ -2798,10 +2867,6 @@ class DecodeBatch:
 
 
 # ---- engine: loading, warming up and unloading one model
-class ModelUnavailable(Exception):
-    """The model could not be loaded; the message says why and what to set."""
-
-
 def _release_memory() -> None:
     """Give freed memory back: the CUDA caching allocator's blocks, and the C allocator's free pages (glibc's
     malloc_trim; under jemalloc, as the Docker image preloads it, a purge of all arenas)."""
@@ -2999,7 +3064,7 @@ class Engine:
         with self._cond:
             self._stopping = True
             for job in list(self._active.values()):
-                job.fail(ApiError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+                job.fail(ShuttingDown())
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -3025,12 +3090,9 @@ class Engine:
             limit = self.settings.max_queue_depth
             depth = sum(1 for job in self._active.values() if not job.over)
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise ShuttingDown()
             if limit and depth >= limit:
-                wait = self._retry_after()
-                raise ApiError(503, f"the server is busy: {depth} requests are queued or running "
-                                    f"(MAX_QUEUE_DEPTH={limit}); retry in {wait}s", type="server_error",
-                               code="queue_full", headers={"Retry-After": str(wait)})
+                raise QueueFull(depth, limit, self._retry_after())
             self._active[job.id] = job
             self._pending.append(job)
             self._cond.notify_all()
@@ -3041,14 +3103,13 @@ class Engine:
         task = ModelTask(model_id, fn, loop.create_future(), loop)
         with self._cond:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+                raise ShuttingDown()
             self._tasks.append(task)
             self._cond.notify_all()
         try:
             return await asyncio.wait_for(asyncio.shield(task.future), timeout)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"the model did not answer within {timeout:g}s", type="server_error",
-                           code="timeout") from None
+            raise TimedOut(f"the model did not answer within {timeout:g}s") from None
 
     def cancel(self, job: Job) -> None:
         """The client is gone: stop the job's GPU work within a frame and release everything it holds."""
@@ -3145,8 +3206,7 @@ class Engine:
         now = time.monotonic()
         for job in list(self._pending):
             if not job.over and now > job.deadline:
-                job.fail(ApiError(504, f"the request waited longer than REQUEST_TIMEOUT={job.timeout:g}s",
-                                  type="server_error", code="timeout"))
+                job.fail(TimedOut(f"the request waited longer than REQUEST_TIMEOUT={job.timeout:g}s"))
             if job.over and job.running_rows == 0:
                 self._release(job)
 
@@ -3271,17 +3331,14 @@ class Engine:
                 result = task.fn(manager.tts)
             manager.last_used = time.monotonic()
             task.settle(result, None)
-        except ModelUnavailable as exc:
-            task.settle(None, ApiError(503, str(exc), type="server_error", code="model_unavailable",
-                                       headers={"Retry-After": "5"}))
-        except ApiError as exc:
+        except ServiceError as exc:
             task.settle(None, exc)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             task.settle(None, self._generation_error(exc))
 
     def _fail_model_jobs(self, model_id: str, jobs: Any, reason: str) -> None:
         """A model that cannot load fails its batch and every queued job waiting for it; the next request retries."""
-        error = ApiError(503, reason, type="server_error", code="model_unavailable", headers={"Retry-After": "5"})
+        error = ModelUnavailable(reason)
         with self._cond:
             waiting = [job for job in self._pending if job.model_id == model_id]
         for job in [*jobs, *waiting]:
@@ -3294,28 +3351,16 @@ class Engine:
             self._step_seconds = 0.9 * self._step_seconds + 0.1 * step_seconds
 
     @staticmethod
-    def _generation_error(exc: BaseException) -> ApiError:
+    def _generation_error(exc: BaseException) -> ServiceError:
         if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
             _release_memory()
-            return ApiError(503, "the GPU ran out of memory during synthesis; retry, or lower MAX_BATCH_SIZE",
-                            type="server_error", code="out_of_memory", headers={"Retry-After": "2"})
+            return OutOfMemory()
         logger.opt(exception=exc).error("synthesis failed")
-        return ApiError(500, f"synthesis failed: {type(exc).__name__}: {exc}", type="server_error",
-                        code="synthesis_failed")
+        return SynthesisFailed(f"synthesis failed: {type(exc).__name__}: {exc}")
 
 
 # ---- audio: encoders, speed, resampling, decoding
 
-
-FORMATS: dict[str, str] = {
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-    "flac": "audio/flac",
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-    "ogg": "audio/ogg",
-}
 
 MP3_BIT_RATE = 64_000
 OPUS_BIT_RATE = 48_000
@@ -3858,14 +3903,13 @@ class Synthesis:
         server.engine.submit(self.job)
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
-        """The job's PCM chunks in order; raises ApiError on failure or timeout."""
+        """The job's PCM chunks in order; raises ServiceError on failure or timeout."""
         try:
             while True:
                 try:
                     kind, payload = await self.job.next_event(self.job.deadline - time.monotonic() + 1.0)
                 except asyncio.TimeoutError:
-                    raise ApiError(504, f"synthesis did not finish within REQUEST_TIMEOUT="
-                                        f"{self.job.timeout:g}s", type="server_error", code="timeout") from None
+                    raise TimedOut(f"synthesis did not finish within REQUEST_TIMEOUT={self.job.timeout:g}s") from None
                 if kind == "audio":
                     yield payload
                 elif kind == "error":
@@ -3921,11 +3965,7 @@ class Server:
         self.started = time.time()
 
     async def model_info(self, model_id: Optional[str] = None) -> ModelInfo:
-        try:
-            return await run_in_pool(self.engine.manager(model_id).describe)
-        except ModelUnavailable as exc:
-            raise ApiError(503, str(exc), type="server_error", code="model_unavailable",
-                           headers={"Retry-After": "5"}) from None
+        return await run_in_pool(self.engine.manager(model_id).describe)
 
     @property
     def store(self) -> VoiceStore:
@@ -3934,8 +3974,8 @@ class Server:
             try:
                 self._store = VoiceStore(self.settings.data_dir)
             except (OSError, Exception) as exc:  # noqa: BLE001 - sqlite3 and the file system fail in many ways
-                raise ApiError(503, f"the voice store in DATA_DIR={self.settings.data_dir} cannot be opened: {exc}",
-                               type="server_error", code="voice_store_unavailable") from None
+                raise StoreUnavailable(f"the voice store in DATA_DIR={self.settings.data_dir} cannot be opened: "
+                                       f"{exc}") from None
         return self._store
 
     async def clone_model(self) -> ModelInfo:
@@ -3944,9 +3984,8 @@ class Server:
         if info.kind != "base":
             info = await self.model_info(self.settings.base_model_id)
         if info.kind != "base":
-            raise ApiError(503, f"BASE_MODEL_ID={self.settings.base_model_id!r} is a {info.kind} model; cloned voices "
-                                "need a -Base model such as Qwen/Qwen3-TTS-12Hz-0.6B-Base", type="server_error",
-                           code="model_unavailable")
+            raise ModelUnavailable(f"BASE_MODEL_ID={self.settings.base_model_id!r} is a {info.kind} model; cloned "
+                                   "voices need a -Base model such as Qwen/Qwen3-TTS-12Hz-0.6B-Base")
         return info
 
     async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None,
@@ -4005,7 +4044,7 @@ class Server:
             return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
         valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self.store.voices)]
         if by_id:
-            raise ApiError(404, f"voice {name!r} not found", param="voice", code="voice_not_found")
+            raise NotFound(f"voice {name!r} not found", param="voice", code="voice_not_found")
         if not name:
             raise ApiError(400, f"model {info.model_id!r} has no built-in voices: name a custom voice (POST "
                                 "/v1/audio/voices creates one)", param="voice", code="missing_required_parameter")
@@ -4040,9 +4079,8 @@ class Server:
         design_id = info.model_id if info.kind == "voice_design" else self.settings.voice_design_model_id
         design = await self.model_info(design_id)
         if design.kind != "voice_design":
-            raise ApiError(503, f"VOICE_DESIGN_MODEL_ID={design_id!r} is a {design.kind} model; voices from a prompt "
-                                "need a VoiceDesign model such as Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign",
-                           type="server_error", code="model_unavailable")
+            raise ModelUnavailable(f"VOICE_DESIGN_MODEL_ID={design_id!r} is a {design.kind} model; voices from a "
+                                   "prompt need a VoiceDesign model such as Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign")
         req = SpeechRequest(input=script, instructions=description, language=language)
         plan = await self.plan(req, response_format="pcm", voice=VoiceChoice("designed", design_id))
         synthesis = Synthesis(self, plan, streaming=False)
@@ -4066,8 +4104,8 @@ class Server:
         except ClientGone:
             status = 499
             raise
-        except ApiError as exc:
-            status = exc.status
+        except ServiceError as exc:
+            status = api_error(exc).status
             raise
         finally:
             output.close()
@@ -4097,7 +4135,7 @@ class Server:
             output.close()
             await chunks.aclose()
             synthesis.close()      # also when the generator never started, so its own `finally` never ran
-            status = exc.status if isinstance(exc, ApiError) else 499
+            status = api_error(exc).status if isinstance(exc, ServiceError) else 499
             self.log_request(endpoint, plan, status, synthesis, 0.0, started)
             raise
 
@@ -4115,9 +4153,10 @@ class Server:
                     yield frame(data)
                 yield end(synthesis)
                 status = 200
-            except ApiError as exc:
-                status = exc.status
-                yield fail(exc)
+            except ServiceError as exc:
+                error = api_error(exc)
+                status = error.status
+                yield fail(error)
             finally:
                 output.close()
                 await chunks.aclose()
@@ -4262,10 +4301,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     if server.settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=server.settings.api_key)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        server.metrics.error(request.url.path, exc.status, exc.code)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        error = api_error(exc)
+        server.metrics.error(request.url.path, error.status, error.code)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -4439,7 +4479,7 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
     async def find_consent(consent_id: str) -> dict:
         consent = await run_in_pool(server.store.consent, consent_id)
         if consent is None:
-            raise ApiError(404, f"consent {consent_id!r} not found", param="consent_id", code="consent_not_found")
+            raise NotFound(f"consent {consent_id!r} not found", param="consent_id", code="consent_not_found")
         return consent
 
     @app.post("/v1/audio/voice_consents", summary="Upload a consent recording (OpenAI-compatible)")
@@ -4494,9 +4534,9 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
                            code="invalid_value")
         name = text_field(fields, "name", required=True, max_length=64)
         if resolve_builtin_voice(name) is not None or canonical_voice_name(name) in OPENAI_VOICES:
-            raise ApiError(409, f"{name!r} is the name of a built-in voice", param="name", code="voice_name_taken")
+            raise Conflict(f"{name!r} is the name of a built-in voice", param="name", code="voice_name_taken")
         if await run_in_pool(server.store.voice, name) is not None:
-            raise ApiError(409, f"a voice named {name!r} exists already", param="name", code="voice_name_taken")
+            raise Conflict(f"a voice named {name!r} exists already", param="name", code="voice_name_taken")
         if kind == "audio_sample":
             consent = await find_consent(text_field(fields, "consent", required=True, max_length=64))
             data, _ = await upload_bytes(fields, "audio_sample")
@@ -4531,14 +4571,14 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
     async def get_voice(voice_id: str) -> dict:
         row = await run_in_pool(server.store.voice, voice_id)
         if row is None:
-            raise ApiError(404, f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+            raise NotFound(f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
         return voice_object(row)
 
     @app.delete("/v1/audio/voices/{voice_id}", summary="Delete a custom voice and its files (OpenAI-compatible)")
     async def delete_voice(voice_id: str) -> dict:
         row = await run_in_pool(server.store.voice, voice_id)
         if row is None or row["id"] != voice_id and row["name"].lower() != voice_id.lower():
-            raise ApiError(404, f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+            raise NotFound(f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
         await run_in_pool(server.store.delete_voice, row["id"])
         server.prompts.drop(f"voice:{row['id']}")
         return {"object": "audio.voice.deleted", "id": row["id"], "deleted": True}
@@ -4611,8 +4651,8 @@ class WebSocketSession:
             synthesis = Synthesis(self.server, plan, streaming=True)
         except ValidationError as exc:
             return await self._send_error(validation_error_to_api_error(exc).message)
-        except ApiError as exc:
-            return await self._send_error(exc.message)
+        except ServiceError as exc:
+            return await self._send_error(str(exc))
         output = AudioOutput("pcm", plan.speed, plan.sample_rate, streaming=True)
         started = time.monotonic()
         status = 499
@@ -4620,9 +4660,9 @@ class WebSocketSession:
             cancelled = await self._pump(synthesis, output)
             status = 200 if not cancelled else 499
             await self.ws.send_json({"event": "cancelled"} if cancelled else {"event": "done"})
-        except ApiError as exc:
-            status = exc.status
-            await self._send_error(exc.message)
+        except ServiceError as exc:
+            status = api_error(exc).status
+            await self._send_error(str(exc))
         finally:
             output.close()
             synthesis.close()

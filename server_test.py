@@ -6,6 +6,7 @@ resampling). Nothing here needs a running server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import io
@@ -98,6 +99,31 @@ def test_settings_parse_values():
                        "IDLE_TIMEOUT": "0", "MAX_QUEUE_DEPTH": "0"})
     assert s.preload_model and s.inference_cpu_cores == {0, 1, 2, 5} and s.log_level == "DEBUG"
     assert s.idle_timeout == 0 and s.max_queue_depth == 0
+
+
+@pytest.mark.parametrize("error, status, code, retry_after", [
+    (server.ShuttingDown(), 503, "shutting_down", None),
+    (server.QueueFull(5, 5, 7), 503, "queue_full", "7"),
+    (server.TimedOut("synthesis did not finish within REQUEST_TIMEOUT=3s"), 504, "timeout", None),
+    (server.ModelUnavailable("model 'x' could not be loaded"), 503, "model_unavailable", "5"),
+    (server.OutOfMemory(), 503, "out_of_memory", "2"),
+    (server.SynthesisFailed("synthesis failed: KeyError"), 500, "synthesis_failed", None),
+    (server.StoreUnavailable("cannot open"), 503, "voice_store_unavailable", None),
+    (server.NotFound("voice 'v' not found", param="voice", code="voice_not_found"), 404, "voice_not_found", None),
+    (server.Conflict("taken", param="name", code="voice_name_taken"), 409, "voice_name_taken", None),
+])
+def test_domain_errors_become_http_answers_in_one_place(error, status, code, retry_after):
+    answer = server.api_error(error)
+    assert (answer.status, answer.code, answer.headers.get("Retry-After")) == (status, code, retry_after)
+    assert answer.message == str(error) and set(answer.body()["error"]) == {"message", "type", "param", "code"}
+    assert answer.type == ("server_error" if status >= 500 else "invalid_request_error")
+
+
+def test_every_setting_is_an_environment_variable_with_one_default():
+    names = [f.metadata["env"] for f in dataclasses.fields(Settings)]
+    assert len(names) == len(set(names)) == len(server.ENV_VARIABLES)
+    assert load_settings({}) == Settings(log_level="INFO")
+    assert load_settings({name: "" for name in names}) == load_settings({})     # blank means the default
 
 
 # ---- requests, voices, languages
@@ -335,11 +361,11 @@ def test_a_full_queue_refuses_with_retry_after(engine, tiny_dir):
         jobs = [make_job(loop, model_id=tiny_dir, budgets=(40,)) for _ in range(3)]
         for job in jobs:
             engine.submit(job)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(server.QueueFull) as err:
             engine.submit(make_job(loop, model_id=tiny_dir))
         for job in jobs:
             engine.cancel(job)
-        return err.value
+        return server.api_error(err.value)
 
     error = asyncio.run(scenario())
     assert error.status == 503 and int(error.headers["Retry-After"]) >= 1 and error.code == "queue_full"
@@ -439,9 +465,9 @@ def test_a_request_that_fails_to_join_fails_alone(engine, tiny_dir):
         await started.wait()
         bad = make_job(loop, model_id=tiny_dir, speaker="nobody")
         engine.submit(bad)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(server.SynthesisFailed) as err:
             await collect(bad, asyncio.Event())
-        return err.value, running.output_frames, await audio
+        return server.api_error(err.value), running.output_frames, await audio
 
     error, frames_when_bad_failed, audio = asyncio.run(scenario())
     assert error.status == 500 and "nobody" in error.message
@@ -533,9 +559,9 @@ def test_a_job_past_its_deadline_times_out(engine, tiny_dir):
     async def scenario():
         job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(2000,), timeout=1.0)
         engine.submit(job)
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(server.TimedOut) as err:
             await drain(job)
-        return err.value, job.output_frames
+        return server.api_error(err.value), job.output_frames
 
     error, frames = asyncio.run(scenario())
     assert error.status == 504 and frames < 2000
@@ -1639,13 +1665,13 @@ def test_the_store_keeps_voices_across_reopening_and_deletes_every_file(tmp_path
     reopened = server.VoiceStore(str(tmp_path))
     assert reopened.voice("alice")["id"] == voice["id"] and reopened.voice(voice["id"])["name"] == "Alice"
     assert reopened.consent(consent["id"])["language"] == "en-US"
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(server.Conflict) as err:
         reopened.add_voice(name="ALICE", kind="audio_sample", consent_id=None, language=None, description=None,
                            prompt=_prompt(), sample=np.zeros(10, np.float32))
-    assert err.value.status == 409
-    with pytest.raises(ApiError) as err:
+    assert server.api_error(err.value).status == 409 and err.value.code == "voice_name_taken"
+    with pytest.raises(server.Conflict) as err:
         reopened.delete_consent(consent["id"])
-    assert err.value.status == 409                          # still used by Alice
+    assert server.api_error(err.value).status == 409 and err.value.code == "consent_in_use"   # still used by Alice
     assert reopened.delete_voice(voice["id"]) and not os.path.exists(reopened.voice_dir(voice["id"]))
     assert reopened.voice("alice") is None and reopened.delete_consent(consent["id"])
     assert os.listdir(tmp_path / "voices") == [] and os.listdir(tmp_path / "consents") == []
