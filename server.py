@@ -36,22 +36,21 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Generic, Literal, NamedTuple, Optional, Protocol, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, Optional, Protocol, TypeVar, Union, cast
 
-import av
-import av.filter
 import numpy as np
 import soundfile  # libsndfile ships libvorbis; FFmpeg's own Vorbis encoder is stereo-only and experimental
 import soxr
 import torch
-from babel import Locale
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loguru import logger
-from num2words import num2words
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+if TYPE_CHECKING:   # imported where used: PyAV (36 MB), Babel and num2words serve only some requests
+    import av
 
 VERSION = "0.1.0"
 SAMPLE_RATE = 24000          # Qwen3-TTS 12 Hz codec output rate
@@ -1102,8 +1101,17 @@ def _chinese_numeral() -> Callable[[str, str], str]:
 @functools.cache
 def _month_names(code: str) -> tuple[str, ...]:
     """Wide month names (format context: genitive in Russian) from babel's locale data, January first."""
+    from babel import Locale
+
     months = Locale.parse(code).months["format"]["wide"]
     return tuple(months[number] for number in range(1, 13))
+
+
+def num2words(number: Any, **options: Any) -> str:
+    """num2words.num2words, imported on first use like every library that only some requests need."""
+    from num2words import num2words as spell
+
+    return spell(number, **options)
 
 
 def _korean_native(n: int) -> str:
@@ -3051,6 +3059,7 @@ class Engine:
         self._active: dict[str, Job] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._draining = False                       # drain(): admit nothing new, let admitted work finish
         self.busy_since: Optional[float] = None      # when the running batch started
         self.heartbeat = time.monotonic()            # last sign of life from the model thread
         self._step_seconds = 0.1                     # moving average of one generation step, for Retry-After
@@ -3068,6 +3077,11 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def drain(self) -> None:
+        """Stop admitting: new jobs and model tasks get ShuttingDown; those admitted already run on to their end."""
+        with self._cond:
+            self._draining = True
 
     # -- called from the event loop
     def manager(self, model_id: Optional[str] = None) -> ModelManager:
@@ -3089,7 +3103,7 @@ class Engine:
         with self._cond:
             limit = self.settings.max_queue_depth
             depth = sum(1 for job in self._active.values() if not job.over)
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ShuttingDown()
             if limit and depth >= limit:
                 raise QueueFull(depth, limit, self._retry_after())
@@ -3102,7 +3116,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         task = ModelTask(model_id, fn, loop.create_future(), loop)
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ShuttingDown()
             self._tasks.append(task)
             self._cond.notify_all()
@@ -3436,6 +3450,8 @@ class SpeedChanger:
 
     def _build(self, speed: float) -> av.filter.Graph:
         """Chain equal atempo stages within 0.5..2 each (above 2 atempo skips audio instead of blending)."""
+        import av.filter
+
         stages = max(1, math.ceil(abs(math.log2(speed)) - 1e-9))
         graph = av.filter.Graph()
         nodes = [graph.add_abuffer(sample_rate=self._rate, format="flt", layout="mono",
@@ -3478,6 +3494,8 @@ class SpeedChanger:
 
     def _push(self, graph: av.filter.Graph, samples: np.ndarray) -> None:
         """Send samples into the graph as one timestamped frame."""
+        import av
+
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples)[None, :], format="flt", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = self._rate, self._pts, Fraction(1, self._rate)
         self._pts += samples.size
@@ -3492,6 +3510,8 @@ class SpeedChanger:
     @staticmethod
     def _drain(graph: av.filter.Graph) -> np.ndarray:
         """Pull every frame the graph can produce now."""
+        import av
+
         out: list[np.ndarray] = [np.zeros(0, np.float32)]
         while True:
             try:
@@ -3622,6 +3642,8 @@ class _AvBackend:
     """A PyAV (FFmpeg) encoder and muxer writing into memory."""
 
     def __init__(self, fmt: str, sample_rate: int, streaming: bool) -> None:
+        import av
+
         container_format, codec_name, bit_rate, options = _AV_CODECS[fmt]
         codec_rate = self._codec_rate(codec_name, sample_rate)
         # Codecs with a fixed rate set (Opus: 8/12/16/24/48 kHz; MP3 and AAC: the MPEG rates) get
@@ -3643,6 +3665,8 @@ class _AvBackend:
     @staticmethod
     def _codec_rate(codec_name: str, sample_rate: int) -> int:
         """Pick the rate to encode at: sample_rate if the codec takes it."""
+        import av
+
         rates = av.codec.Codec(codec_name, "w").audio_rates
         if not rates or sample_rate in rates:
             return sample_rate
@@ -3650,6 +3674,8 @@ class _AvBackend:
 
     def _encode(self, samples: np.ndarray | None) -> None:
         """Encode samples (None flushes the encoder) and mux the packets."""
+        import av
+
         frame = None
         if samples is not None:
             if samples.size == 0:
@@ -3754,6 +3780,8 @@ class AudioEncoder:
 
 def _decode_frames(container: av.container.InputContainer, stream: av.AudioStream) -> list[av.AudioFrame]:
     """Decode stream to planar float frames, skipping damaged packets as the ffmpeg tool does."""
+    import av
+
     to_planar = av.AudioResampler(format="fltp")  # keeps the stream's own layout and rate
     frames: list[av.AudioFrame] = []
     damage: av.error.InvalidDataError | None = None
@@ -3771,6 +3799,8 @@ def _decode_frames(container: av.container.InputContainer, stream: av.AudioStrea
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode a whole audio file from memory to float32 mono and its sample rate."""
+    import av
+
     try:
         with av.open(io.BytesIO(data), "r") as container:
             if not container.streams.audio:

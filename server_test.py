@@ -126,6 +126,30 @@ def test_every_setting_is_an_environment_variable_with_one_default():
     assert load_settings({name: "" for name in names}) == load_settings({})     # blank means the default
 
 
+def test_the_engine_imports_without_the_libraries_only_some_requests_need():
+    """The GPU benchmark machine carries no PyAV, Babel or num2words: server.py must import without them."""
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('av', 'babel', 'num2words'):\n"
+               "            raise ImportError('not installed: ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import server\n"
+               "print(sorted(m for m in ('av', 'babel', 'num2words') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", blocker], cwd=Path(server.__file__).parent, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_draining_engine_admits_nothing_new(tiny_dir):
+    engine = Engine(Settings(model_id=tiny_dir), Metrics(tiny_dir))
+    engine.drain()
+    with pytest.raises(server.ShuttingDown):
+        engine.submit(make_job(None, model_id=tiny_dir))
+    assert engine.queue_depth == 0
+
+
 # ---- requests, voices, languages
 def test_request_validation_messages_name_the_field():
     with pytest.raises(Exception) as err:
