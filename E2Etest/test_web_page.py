@@ -122,10 +122,10 @@ def test_the_page_loads_without_errors_and_shows_the_server_state(tab, web_serve
     listing = httpx.get(web_server.url + "/v1/audio/voices").json()["voices"]
     groups = page.eval_on_selector_all("#voice optgroup",
                                        "gs => gs.map(g => [g.label, [...g.children].map(o => o.value)])")
-    assert dict(groups) == {
-        "Qwen3-TTS speakers": [v["id"] for v in listing if v["kind"] == "builtin"],
-        "OpenAI voice names": [v["id"] for v in listing if v["kind"] == "openai_alias"],
-    }
+    kinds = {"Your voices": "custom", "Qwen3-TTS speakers": "builtin", "OpenAI voice names": "openai_alias"}
+    expected = {label: [v["id"] for v in listing if v["kind"] == kind] for label, kind in kinds.items()}
+    assert dict(groups) == {label: ids for label, ids in expected.items() if ids}
+    assert "Qwen3-TTS speakers" in dict(groups)
     assert tab.errors == []
 
 
@@ -207,6 +207,23 @@ def test_speech_streams_plays_and_downloads(tab, web_server):
     assert tab.errors == []
 
 
+def test_stop_ends_the_run_and_frees_the_server(tab, web_server):
+    page = tab.page
+    page.fill("#text", " ".join([TEXT + " This sentence makes the reading long enough to stop it halfway."] * 3))
+    page.click("#speak")
+    page.wait_for_selector("#result[data-state=streaming]:not([data-chunks='0'])", timeout=SYNTHESIS_MS)
+    page.click("#stop")
+    page.wait_for_selector("#result:not([data-state=streaming])")
+    assert tab.dataset("#result")["state"] == "stopped"
+    assert page.is_disabled("#download") and page.is_enabled("#speak")
+    for _ in range(600):                                             # the server cancels the job within a frame
+        if httpx.get(web_server.url + "/health").json()["queue_depth"] == 0:
+            break
+        page.wait_for_timeout(200)
+    assert httpx.get(web_server.url + "/health").json()["queue_depth"] == 0
+    assert tab.errors == []
+
+
 def test_an_empty_text_shows_the_api_message(tab, web_server):
     page = tab.page
     page.fill("#text", "")
@@ -259,6 +276,22 @@ def test_a_voice_from_the_microphone(tab, web_server):
     page.wait_for_selector("#clone-form[data-created-voice]", timeout=SYNTHESIS_MS)
     voice_id = tab.dataset("#clone-form")["createdVoice"]
     assert voice_id.startswith("voice_"), page.inner_text("#clone-form .status")
+    assert tab.errors == []
+
+
+def test_a_voice_designed_from_a_description(tab, web_server):
+    page = tab.page
+    page.wait_for_selector("#server-summary[data-state=ready]")          # /health has said which model designs
+    page.fill("#design-name", "narrator")
+    page.fill("#design-prompt", "A calm, low voice.")
+    page.fill("#design-script", TEXT)
+    page.click("#design-form button[type=submit]")
+    page.wait_for_selector("#design-form[data-created-voice]", timeout=SYNTHESIS_MS)
+    voice_id = tab.dataset("#design-form")["createdVoice"]
+    assert voice_id.startswith("voice_"), page.inner_text("#design-form .status")
+    assert page.eval_on_selector("#voice", "s => s.value") == voice_id
+    assert page.inner_text(f"#voice-list tr[data-voice-id={voice_id}]").startswith("narrator\tdescription: A calm")
+    assert httpx.get(f"{web_server.url}/v1/audio/voices/{voice_id}").json()["type"] == "prompt"
     assert tab.errors == []
 
 

@@ -692,7 +692,7 @@ async function designVoice(event) {
     const voice = await apiJson("v1/audio/voices", {
       method: "POST",
       json: { type: "prompt", name: $("#design-name").value.trim(), prompt: $("#design-prompt").value.trim(),
-              language: $("#design-language").value },
+              language: $("#design-language").value, script_hint: $("#design-script").value.trim() || undefined },
     });
     await created(form, voice);
   } catch (err) {
