@@ -295,6 +295,24 @@ def test_a_voice_designed_from_a_description(tab, web_server):
     assert tab.errors == []
 
 
+def test_without_a_microphone_api_the_page_says_why(browser, web_server):
+    """As on plain http:// from another host, where browsers give a page no navigator.mediaDevices."""
+    context = browser.new_context()
+    context.add_init_script("Object.defineProperty(Navigator.prototype, 'mediaDevices', {get: () => undefined})")
+    page = context.new_page()
+    try:
+        page.goto(web_server.url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.is_disabled("button.record[data-for=clone-sample]")
+        assert "https://" in page.inner_text(".recording[data-of=clone-sample]")
+        page.set_input_files("#clone-sample", files=[{"name": "s.wav", "mimeType": "audio/wav", "buffer": wav(3)}])
+        assert "https://" in page.inner_text(".recording[data-of=clone-sample]")
+        preview = "audio.preview[data-of=clone-sample]"                     # the chosen file can be listened to
+        assert page.eval_on_selector(preview, "a => !a.hidden && a.src.startsWith('blob:')")
+    finally:
+        context.close()
+
+
 def test_a_failed_clone_shows_the_api_message_and_leaves_no_consent(tab, web_server):
     page = tab.page
     consents = lambda: httpx.get(web_server.url + "/v1/audio/voice_consents").json()["data"]  # noqa: E731
@@ -313,6 +331,25 @@ def test_a_failed_clone_shows_the_api_message_and_leaves_no_consent(tab, web_ser
     httpx.delete(f"{web_server.url}/v1/audio/voice_consents/{consent}")
     assert answer.status_code == 400
     assert page.inner_text("#clone-form .status") == f"Not created: {answer.json()['error']['message']}"
+
+
+def test_a_model_that_cannot_load_is_shown_with_why(browser, tmp_path):
+    server = ServerProcess("web-broken", {"MODEL_ID": str(tmp_path / "no-such-model")}).start()
+    try:
+        tab = open_tab(browser, server.url)
+        page = tab.page
+        page.wait_for_selector("#server-summary[data-state=failed]")
+        health = httpx.get(server.url + "/health").json()
+        assert page.inner_text("#model-error") == f"The model cannot be used: {health['model_error']}"
+        assert "MODEL_ID" in health["model_error"]
+        result = tab.speak_and_wait()
+        assert result["state"] == "error"
+        answer = httpx.post(server.url + "/v1/audio/speech", json={"input": TEXT})
+        assert answer.status_code == 503
+        assert page.inner_text("#speak-error") == answer.json()["error"]["message"]
+        page.context.close()
+    finally:
+        server.stop()
 
 
 def test_the_api_key_prompt(browser):

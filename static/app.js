@@ -119,8 +119,11 @@ function renderHealth(h) {
   summary.dataset.state = h.model_state;
   summary.textContent = (MODEL_STATES[h.model_state] || `model ${h.model_state}`) +
     (h.queue_depth ? `, ${h.queue_depth} in queue` : "");
-  $("#model-error").hidden = !h.model_error;
-  $("#model-error").textContent = h.model_error ? `The model cannot be used: ${h.model_error}` : "";
+  const problem = h.model_error ? `The model cannot be used: ${h.model_error}` : "";
+  if ($("#model-error").textContent !== problem) {          // an alert: announced when it changes, not every poll
+    $("#model-error").textContent = problem;
+    $("#model-error").hidden = !problem;
+  }
   $("#server-state").replaceChildren(...describeHealth(h).map(([name, value]) => {
     const row = make("div");
     row.append(make("dt", { textContent: name }), make("dd", { textContent: value }));
@@ -561,12 +564,12 @@ class Recorder {
     this.recorder = null;
     if (!navigator.mediaDevices || !window.MediaRecorder) {
       button.disabled = true;
-      button.title = "recording needs HTTPS (or localhost) and a browser with MediaRecorder";
+      this.report("unavailable", "Recording needs the page on https:// or localhost: choose a file instead.");
     }
     button.addEventListener("click", () => (this.recorder ? this.recorder.stop() : this.begin()));
     this.input.addEventListener("change", () => {
       recordings.delete(this.input.id);
-      this.report("", "");
+      if (!button.disabled) this.report("", "");
       this.show(this.input.files[0]);
     });
   }
