@@ -4285,6 +4285,16 @@ def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
 
 # The web page: static files (no build step) served at / and /static/; it asks for the API key when it needs one.
 WEB_PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+REVALIDATE = {"Cache-Control": "no-cache"}   # browsers ask again (a 304 when unchanged): no stale page after an upgrade
+
+
+class WebPageFiles(StaticFiles):
+    """static/ with REVALIDATE on every answer."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response
 
 
 def web_page_url(settings: Settings) -> str:
@@ -4433,9 +4443,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:
-        return FileResponse(os.path.join(WEB_PAGE_DIR, "index.html"))
+        return FileResponse(os.path.join(WEB_PAGE_DIR, "index.html"), headers=REVALIDATE)
 
-    app.mount("/static", StaticFiles(directory=WEB_PAGE_DIR), name="static")
+    app.mount("/static", WebPageFiles(directory=WEB_PAGE_DIR), name="static")
     logger.info("web page: {}", web_page_url(server.settings))
 
     @app.get("/health", summary="Liveness and state; always 200")

@@ -115,6 +115,12 @@ def tab(browser, web_server) -> Iterator[Tab]:
 
 def test_the_page_loads_without_errors_and_shows_the_server_state(tab, web_server):
     assert f"web page: {web_server.url}/" in web_server.log_path.read_text()   # the address printed at start
+    for path in ("/", "/static/app.js", "/static/app.css"):                  # revalidated: never stale after an upgrade
+        answer = httpx.get(web_server.url + path)
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-cache", path
+    script = httpx.get(web_server.url + "/static/app.js")
+    assert httpx.get(web_server.url + "/static/app.js",
+                     headers={"If-None-Match": script.headers["etag"]}).status_code == 304
     page = tab.page
     page.wait_for_selector("#server-summary[data-state=ready]")
     assert "model ready" in page.inner_text("#server-summary")

@@ -194,9 +194,11 @@ function renderVoiceTable(custom) {
     use.setAttribute("aria-label", `Use ${v.name}`);
     const remove = make("button", { type: "button", textContent: "Delete", onclick: () => deleteVoice(v) });
     remove.setAttribute("aria-label", `Delete ${v.name}`);
-    const cell = make("td", { className: "row" });
-    cell.append(use, remove);
-    row.append(cell);
+    const buttons = make("div", { className: "row" });
+    const actions = make("td");
+    buttons.append(use, remove);
+    actions.append(buttons);
+    row.append(actions);
     return row;
   }));
 }
