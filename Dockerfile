@@ -92,6 +92,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 WORKDIR /app
 COPY --chmod=755 docker-entrypoint.sh /app/docker-entrypoint.sh
 COPY --chmod=644 server.py /app/server.py
+COPY --chmod=644 static/index.html static/app.js static/app.css /app/static/
 COPY --chmod=644 tools/build_tiny_checkpoints.py /app/tools/build_tiny_checkpoints.py
 
 # Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.

@@ -48,6 +48,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse
+from starlette.staticfiles import StaticFiles
 
 if TYPE_CHECKING:   # imported where used: PyAV (36 MB), Babel and num2words serve only some requests
     import av
@@ -4281,17 +4283,42 @@ def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
     return listing
 
 
+# The web page: static files (no build step) served at / and /static/; it asks for the API key when it needs one.
+WEB_PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+REVALIDATE = {"Cache-Control": "no-cache"}   # browsers ask again (a 304 when unchanged): no stale page after an upgrade
+
+
+class WebPageFiles(StaticFiles):
+    """static/ with REVALIDATE on every answer."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response
+
+
+def web_page_url(settings: Settings) -> str:
+    """Where a browser on this host opens the page (0.0.0.0 listens on every address: localhost is one of them)."""
+    if settings.unix_socket_path:
+        return f"/ on the Unix socket {settings.unix_socket_path}, through the proxy in front of it"
+    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if settings.ssl_keyfile else 'http'}://{host}:{settings.port}/"
+
+
 class ApiKeyMiddleware:
     """With API_KEY set, every endpoint but /health and /ready needs `Authorization: Bearer <key>` (WebSocket: or
-    ?api_key=)."""
+    ?api_key=). The web page's own files are open too: the page asks for the key and sends it with every API call."""
 
-    OPEN_PATHS = ("/health", "/ready")
+    OPEN_PATHS = ("/health", "/ready", "/")
+    OPEN_PREFIXES = ("/static/",)
 
     def __init__(self, app: Any, api_key: str):
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] not in ("http", "websocket") or not self.api_key or scope["path"] in self.OPEN_PATHS:
+        if (scope["type"] not in ("http", "websocket") or not self.api_key or scope["path"] in self.OPEN_PATHS
+                or scope["path"].startswith(self.OPEN_PREFIXES)):
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         auth = headers.get(b"authorization", b"")
@@ -4413,6 +4440,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return found
 
     add_voice_routes(app, server)
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(os.path.join(WEB_PAGE_DIR, "index.html"), headers=REVALIDATE)
+
+    app.mount("/static", WebPageFiles(directory=WEB_PAGE_DIR), name="static")
+    logger.info("web page: {}", web_page_url(server.settings))
 
     @app.get("/health", summary="Liveness and state; always 200")
     async def health() -> dict:

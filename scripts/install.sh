@@ -17,6 +17,9 @@ $dev && { command -v curl >/dev/null 2>&1 || missing+=(curl); }
 # libjemalloc2 is what docker-entrypoint.sh preloads in the image, so the tests run it the same way.
 $dev && { command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck); }
 $dev && { command -v openssl >/dev/null 2>&1 || missing+=(openssl); }
+# chromium: the web page's tests drive Debian's Chromium with Playwright (Playwright's own browser download needs
+# network access that CI does not have).
+$dev && { command -v chromium >/dev/null 2>&1 || missing+=(chromium); }
 libs=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
 $dev && { grep -q libjemalloc.so.2 <<<"$libs" || missing+=(libjemalloc2); }
 if [ ${#missing[@]} -gt 0 ]; then
