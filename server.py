@@ -4132,18 +4132,26 @@ async def until_disconnected(request: Request, awaitable: Any, poll: float = 0.2
 
 # ---- HTTP: the application state and the request -> plan step shared by every endpoint
 class InFlight:
-    """How many HTTP requests and WebSocket utterances are being answered now: what a drain waits for."""
+    """The HTTP requests and WebSocket utterances being answered now (a token each, held on the event loop): a drain
+    waits for those that were running when it began, not for the requests refused after it."""
 
     def __init__(self) -> None:
-        self.count = 0          # changed on the event loop only
+        self._running: set[object] = set()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        self.count += 1
+        token = object()
+        self._running.add(token)
         try:
             yield
         finally:
-            self.count -= 1
+            self._running.discard(token)
+
+    def snapshot(self) -> frozenset[object]:
+        return frozenset(self._running)
+
+    def still_running(self, tokens: frozenset[object]) -> int:
+        return len(tokens & self._running)
 
 
 class Server:
@@ -4172,6 +4180,12 @@ class Server:
             if self._store is None:
                 self._store = VoiceStore.open(self.settings)
             return self._store
+
+    def close_store(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     async def clone_model(self) -> ModelInfo:
         """The model that speaks cloned voices: MODEL_ID when it is a Base model, else BASE_MODEL_ID."""
@@ -4525,24 +4539,23 @@ class Drain:
         server, grace = self.server, self.server.settings.drain_timeout
         self.started = time.monotonic()
         server.engine.drain()
-        at_signal = server.in_flight.count
-        logger.info("draining: {} requests in flight, DRAIN_TIMEOUT={:g}s; /ready answers 503", at_signal, grace)
+        running = server.in_flight.snapshot()
+        logger.info("draining: {} requests in flight, DRAIN_TIMEOUT={:g}s; /ready answers 503", len(running), grace)
         try:
-            if not await self._until_idle(grace):
-                cut = server.in_flight.count
+            if not await self._until_done(running, grace):
                 logger.warning("drain: {} requests still running after DRAIN_TIMEOUT={:g}s fail with 'shutting "
-                               "down'", cut, grace)
+                               "down'", server.in_flight.still_running(running), grace)
                 await run_in_pool(server.engine.stop, DRAIN_FLUSH_SECONDS)
-                await self._until_idle(DRAIN_FLUSH_SECONDS, hurry=False)
+                await self._until_done(running, DRAIN_FLUSH_SECONDS, hurry=False)
             logger.info("drained in {:.2f}s ({} requests in flight at the signal); stopping",
-                        time.monotonic() - self.started, at_signal)
+                        time.monotonic() - self.started, len(running))
         finally:
             then()
 
-    async def _until_idle(self, seconds: float, hurry: bool = True) -> bool:
-        """Wait until nothing is in flight (True), or until `seconds` pass or a second signal comes (False)."""
+    async def _until_done(self, running: frozenset[object], seconds: float, hurry: bool = True) -> bool:
+        """Wait until `running` have all ended (True), or until `seconds` pass or a second signal comes (False)."""
         deadline = time.monotonic() + seconds
-        while self.server.in_flight.count > 0:
+        while self.server.in_flight.still_running(running):
             if time.monotonic() >= deadline or (hurry and self._hurry.is_set()):
                 return False
             await asyncio.sleep(0.05)
@@ -4562,7 +4575,8 @@ class InFlightMiddleware:
             return await self.app(scope, receive, send)
 
         async def send_closing(message: dict) -> None:
-            if message["type"] == "http.response.start" and self.drain.started is not None:
+            if (message["type"] == "http.response.start" and self.drain.started is not None
+                    and scope.get("http_version", "1.1").startswith("1")):    # HTTP/2 has no Connection header
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
@@ -4593,8 +4607,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                     server.settings.preload_model)
         yield
         await run_in_pool(server.engine.stop)
-        if server._store is not None:
-            server._store.close()
+        server.close_store()
 
     app = FastAPI(title="Qwen3-TTS OpenAI-compatible server", version=VERSION, lifespan=lifespan)
     app.state.server, app.state.drain = server, drain

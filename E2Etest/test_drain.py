@@ -209,6 +209,10 @@ def test_hypercorn_drains_too(draining_server, tmp_path):
     srv.proc.send_signal(signal.SIGTERM)
     while httpx.get(srv.url + "/ready", timeout=30, verify=False).status_code == 200:
         time.sleep(0.02)
+    with httpx.Client(http2=True, verify=False, timeout=60) as h2:          # refused over HTTP/2 as well
+        refused = h2.post(srv.url + "/v1/audio/speech", json={"input": "Too late.", "voice": "alloy"})
+    assert refused.http_version == "HTTP/2" and refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutting_down" and "connection" not in refused.headers
     stream.join(1500)
     assert stream.error is None and stream.ending["type"] == "speech.audio.done"
     wait_exit(srv)

@@ -37,6 +37,7 @@ defaults
     timeout connect 5s
     timeout client 30m
     timeout server 30m
+    timeout check 60s          # a slow /ready on a busy machine is no failure; a draining 503 is one at once
     retries 3
     option redispatch 1
     # A 503 from a replica that is draining (or whose queue is full) is sent before any work: safe to replay.
@@ -72,7 +73,7 @@ class Balancer:
         self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
-    def wait_for(self, names: set[str], timeout: float = 300) -> None:
+    def wait_for(self, names: set[str], timeout: float = 1200) -> None:
         """Until every replica in `names` has answered /ready through the balancer."""
         seen: set[str] = set()
         deadline = time.monotonic() + timeout
@@ -103,11 +104,11 @@ def cluster() -> Iterator[tuple[Balancer, dict[str, ServerProcess]]]:
         pytest.skip("PostgreSQL is not installed (scripts/install.sh --dev installs it as root)")
     with PostgresCluster() as pg:
         env = {"MODEL_ID": checkpoint("tiny-0.6B-CustomVoice"), "DATABASE_URL": pg.url, "AUDIO_CACHE_MAX": "0",
-               "DRAIN_TIMEOUT": "1200", "MAX_BATCH_SIZE": "4"}
+               "DRAIN_TIMEOUT": "1200", "MAX_BATCH_SIZE": "4", "IDLE_TIMEOUT": "0"}
         replicas = {name: ServerProcess(f"replica-{name}", env) for name in ("r1", "r2")}
         try:
-            for replica in replicas.values():
-                replica.start()
+            for replica in replicas.values():        # loading together; the balancer waits for both to be ready
+                replica.start(wait_ready=False)
             balancer = Balancer(replicas)
             try:
                 balancer.wait_for(set(replicas))
