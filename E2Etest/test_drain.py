@@ -134,8 +134,9 @@ def draining_server():
     servers: list[ServerProcess] = []
 
     def start(name: str, **env: str) -> ServerProcess:
-        proc = ServerProcess(name, {"MODEL_ID": checkpoint("tiny-0.6B-CustomVoice"), "MAX_BATCH_SIZE": "4",
-                                    "AUDIO_CACHE_MAX": "0", **env}).start()
+        env = {"MODEL_ID": checkpoint("tiny-0.6B-CustomVoice"), "MAX_BATCH_SIZE": "4", "AUDIO_CACHE_MAX": "0",
+               "REQUEST_TIMEOUT": "3600", **env}                 # an upper bound that only stops a hang
+        proc = ServerProcess(name, env).start(timeout=1200)     # a busy machine loads slowly
         servers.append(proc)
         return proc
 

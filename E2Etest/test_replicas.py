@@ -104,7 +104,8 @@ def cluster() -> Iterator[tuple[Balancer, dict[str, ServerProcess]]]:
         pytest.skip("PostgreSQL is not installed (scripts/install.sh --dev installs it as root)")
     with PostgresCluster() as pg:
         env = {"MODEL_ID": checkpoint("tiny-0.6B-CustomVoice"), "DATABASE_URL": pg.url, "AUDIO_CACHE_MAX": "0",
-               "DRAIN_TIMEOUT": "1200", "MAX_BATCH_SIZE": "4", "IDLE_TIMEOUT": "0"}
+               "DRAIN_TIMEOUT": "1200", "MAX_BATCH_SIZE": "4", "IDLE_TIMEOUT": "0",
+               "REQUEST_TIMEOUT": "3600"}                    # upper bounds that only stop a hang
         replicas = {name: ServerProcess(f"replica-{name}", env) for name in ("r1", "r2")}
         try:
             for replica in replicas.values():        # loading together; the balancer waits for both to be ready
