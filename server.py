@@ -25,13 +25,16 @@ import math
 import os
 import re
 import secrets
+import shutil
+import signal
+import sqlite3
 import struct
 import sys
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from decimal import Decimal
@@ -120,6 +123,14 @@ def _parse_setting(f: Any, raw: str) -> Any:
     return raw.lower() if rules["pattern"] else raw
 
 
+def _parse_database_url(name: str, raw: str) -> str:
+    """A PostgreSQL URL (libpq's form); the error quotes only its scheme, never a password."""
+    if not re.match(r"postgres(ql)?://", raw):
+        raise SettingsError(f"{name} must be a postgresql://user:password@host:port/database URL, got one starting "
+                            f"with {raw.split(':', 1)[0][:20]!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """The server's configuration: one field per environment variable, its default stated here only (the README's
@@ -140,6 +151,7 @@ class Settings:
     inference_cpu_cores: frozenset = setting("INFERENCE_CPU_CORES", frozenset(), parse=_parse_cpu_list)
     # the queue and batching
     request_timeout: float = setting("REQUEST_TIMEOUT", 300.0, lo=1, hi=10**6)
+    drain_timeout: float = setting("DRAIN_TIMEOUT", 30.0, lo=0, hi=10**5)
     max_queue_depth: int = setting("MAX_QUEUE_DEPTH", 5, lo=0, hi=10**6)
     max_batch_size: int = setting("MAX_BATCH_SIZE", 4, lo=1, hi=256)
     batch_wait_ms: float = setting("BATCH_WAIT_MS", 20.0, lo=0, hi=10_000)
@@ -155,6 +167,7 @@ class Settings:
     audio_cache_max: int = setting("AUDIO_CACHE_MAX", 256, lo=0, hi=10**6)
     voice_cache_max: int = setting("VOICE_CACHE_MAX", 32, lo=0, hi=10**6)
     data_dir: str = setting("DATA_DIR", "data")
+    database_url: str = setting("DATABASE_URL", "", parse=_parse_database_url)
     # serving and observability
     host: str = setting("HOST", "0.0.0.0")
     port: int = setting("PORT", 8000, lo=1, hi=65535)
@@ -195,6 +208,8 @@ class ServiceError(Exception):
 
 
 class ShuttingDown(ServiceError):
+    retry_after = 1     # another replica can take it at once; a balancer retries it there
+
     def __init__(self) -> None:
         super().__init__("the server is shutting down")
 
@@ -2023,23 +2038,23 @@ class VoicePrompt:
                    ref_code=item.ref_code.detach().cpu() if item.icl_mode and item.ref_code is not None else None,
                    ref_text=item.ref_text if item.icl_mode else None)
 
-    def save(self, path: str) -> None:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The tensors as a safetensors file (ref_text is kept beside it: the voice's row has it)."""
+        from safetensors.torch import save
 
         tensors = {"spk_embedding": self.spk_embedding.contiguous()}
         if self.ref_code is not None:
             tensors["ref_code"] = self.ref_code.contiguous()
-        save_file(tensors, path, metadata={"ref_text": self.ref_text or ""})
+        return save(tensors)
 
     @classmethod
-    def load(cls, path: str) -> VoicePrompt:
-        from safetensors import safe_open
+    def from_bytes(cls, data: bytes, ref_text: Optional[str]) -> VoicePrompt:
+        from safetensors.torch import load
 
-        with safe_open(path, framework="pt") as f:
-            ref_text = f.metadata().get("ref_text") or None
-            ref_code = f.get_tensor("ref_code") if "ref_code" in f.keys() else None  # noqa: SIM118
-            return cls(spk_embedding=f.get_tensor("spk_embedding"), ref_code=ref_code,
-                       ref_text=ref_text if ref_code is not None else None)
+        tensors = load(bytes(data))
+        ref_code = tensors.get("ref_code")
+        return cls(spk_embedding=tensors["spk_embedding"], ref_code=ref_code,
+                   ref_text=ref_text if ref_code is not None else None)
 
 
 def compute_voice_prompt(tts: Any, audio: np.ndarray, ref_text: Optional[str]) -> VoicePrompt:
@@ -2122,163 +2137,298 @@ class LruCache(Generic[_Value]):
             return count
 
 
-class VoiceStore:
-    """Consent recordings and custom voices: rows in SQLite, files under DATA_DIR.
+# The store's tables (schema version 2), for both databases ({blob}: BLOB in SQLite, BYTEA in PostgreSQL). Every byte a
+# voice or consent needs is in its row, so one transaction creates or deletes all of it, and every replica that shares
+# the database sees the same voices. Names are unique by name_key (the name's casefold, computed here, so that both
+# databases compare names alike); the foreign key keeps a consent in use from being deleted, even by another replica.
+STORE_SCHEMA_VERSION = 2        # 1: rows in SQLite and files under DATA_DIR (imported by VoiceStore._import_files)
+STORE_TABLES = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE consents (id TEXT PRIMARY KEY, name TEXT NOT NULL, language TEXT NOT NULL, "
+    "created_at BIGINT NOT NULL, extension TEXT NOT NULL, recording {blob} NOT NULL)",
+    "CREATE TABLE voices (id TEXT PRIMARY KEY, name TEXT NOT NULL, name_key TEXT NOT NULL UNIQUE, type TEXT NOT NULL, "
+    "consent_id TEXT REFERENCES consents (id), language TEXT, description TEXT, ref_text TEXT, "
+    "created_at BIGINT NOT NULL, prompt {blob} NOT NULL, sample {blob} NOT NULL)",
+)
+CONSENT_COLUMNS = "id, name, language, created_at"             # what listings return: no audio
+VOICE_COLUMNS = "id, name, type, consent_id, language, description, ref_text, created_at"
+STORE_POOL_SIZE = 4             # PostgreSQL connections per replica: store calls are short, in the thread pool
+STORE_TIMEOUT = 10.0            # seconds to get a connection (or SQLite's write lock) before StoreUnavailable
 
-    A create writes its files into staging/, then commits the row and renames the folder into place in one
-    transaction; a delete commits first and removes the files after. Opening the store removes whatever a crash left
-    half done (staging folders, folders without a row, rows without their files), so no half voice survives.
-    """
+Run = Callable[..., list[dict]]  # run(sql, *args) -> rows, inside one transaction; `?` marks a parameter
 
-    SCHEMA = """
-        CREATE TABLE IF NOT EXISTS consents (
-            id TEXT PRIMARY KEY, name TEXT NOT NULL, language TEXT NOT NULL, created_at INTEGER NOT NULL,
-            file TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS voices (
-            id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE, type TEXT NOT NULL, consent_id TEXT,
-            language TEXT, description TEXT, ref_text TEXT, created_at INTEGER NOT NULL);
-    """
 
-    def __init__(self, root: str):
-        import sqlite3
+class SqliteDatabase:
+    """DATA_DIR/voices.db: one connection, one transaction at a time (BEGIN IMMEDIATE takes the write lock at once, so
+    that two processes on one file wait for each other instead of failing half way)."""
 
-        self.root = os.path.abspath(root)
-        for sub in ("voices", "consents", "staging"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(os.path.join(self.root, "voices.db"), check_same_thread=False,
-                                   isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+    blob = "BLOB"
+    integrity_error: type[Exception] = sqlite3.IntegrityError
+    unavailable_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.where = f"DATA_DIR={data_dir}"
+        self.path = os.path.join(os.path.abspath(data_dir), "voices.db")
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(self.SCHEMA)
-        self._recover()
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._lock = threading.Lock()
 
-    # -- paths
-    def voice_dir(self, voice_id: str) -> str:
-        return os.path.join(self.root, "voices", voice_id)
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Run]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._run
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
-    def prompt_path(self, voice_id: str) -> str:
-        return os.path.join(self.voice_dir(voice_id), "prompt.safetensors")
+    def _run(self, sql: str, *args: Any) -> list[dict]:
+        cursor = self._db.execute(sql, args)
+        names = [d[0] for d in cursor.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def lock_schema(self, run: Run) -> None:
+        """BEGIN IMMEDIATE holds the lock already."""
+
+    def tables(self, run: Run) -> set[str]:
+        return {r["name"] for r in run("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    @staticmethod
+    def violated(exc: Exception) -> str:
+        """'unique' or 'foreign_key': which constraint an IntegrityError broke."""
+        return "foreign_key" if "FOREIGN KEY" in str(exc) else "unique"
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresDatabase:
+    """DATABASE_URL: a pool of connections (psycopg 3); each transaction on a connection of its own."""
+
+    blob = "BYTEA"
+    SCHEMA_LOCK = 0x5157_3354_5300   # pg_advisory_xact_lock key: replicas starting together migrate one at a time
+
+    def __init__(self, url: str):
+        import psycopg
+        from psycopg.rows import dict_row
+        from psycopg_pool import ConnectionPool
+
+        self.integrity_error: type[Exception] = psycopg.IntegrityError
+        self.unavailable_errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
+        info = psycopg.conninfo.conninfo_to_dict(url)      # named in messages without the password
+        self.where = f"DATABASE_URL=postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname')}"
+        self._pool = ConnectionPool(url, min_size=1, max_size=STORE_POOL_SIZE, timeout=STORE_TIMEOUT, open=False,
+                                    kwargs={"row_factory": dict_row, "connect_timeout": int(STORE_TIMEOUT)},
+                                    check=ConnectionPool.check_connection, name="voice-store")
+        try:
+            self._pool.open(wait=True, timeout=STORE_TIMEOUT)
+        except psycopg.OperationalError:
+            self._pool.close()
+            raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Run]:
+        with self._pool.connection() as conn, conn.transaction():
+            yield lambda sql, *args: self._run(conn, sql, args)
+
+    @staticmethod
+    def _run(conn: Any, sql: str, args: tuple) -> list[dict]:
+        cursor = conn.execute(sql.replace("?", "%s"), args)
+        return cursor.fetchall() if cursor.description else []
+
+    def lock_schema(self, run: Run) -> None:
+        run("SELECT pg_advisory_xact_lock(?)", self.SCHEMA_LOCK)
+
+    def tables(self, run: Run) -> set[str]:
+        return {r["tablename"] for r in run("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+
+    @staticmethod
+    def violated(exc: Exception) -> str:
+        return "foreign_key" if getattr(exc, "sqlstate", None) == "23503" else "unique"
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class VoiceStore:
+    """Consent recordings and custom voices, with their audio and encoded prompts, in one database: SQLite under
+    DATA_DIR, or PostgreSQL (DATABASE_URL) shared by every replica. A create or a delete is one transaction (all or
+    nothing, also when the process dies half way); names are unique in the database, so two replicas creating one
+    name at once get one voice and one Conflict. Errors are domain errors: Conflict, StoreUnavailable."""
+
+    def __init__(self, db: Union[SqliteDatabase, PostgresDatabase], data_dir: Optional[str] = None):
+        self._db = db
+        with self._transaction() as run:
+            self._db.lock_schema(run)
+            imported = self._migrate(run, data_dir)
+        if imported:
+            for legacy in ("voices", "consents", "staging"):   # schema 1's files, now in the database
+                shutil.rmtree(os.path.join(imported, legacy), ignore_errors=True)
+
+    @classmethod
+    def open(cls, settings: Settings) -> VoiceStore:
+        """The store that the settings name; StoreUnavailable (naming the variable) when it cannot be opened."""
+        where = "DATABASE_URL" if settings.database_url else f"DATA_DIR={settings.data_dir}"
+        try:
+            if settings.database_url:
+                return cls(PostgresDatabase(settings.database_url))
+            return cls(SqliteDatabase(settings.data_dir), data_dir=settings.data_dir)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - drivers and file systems fail in many ways; all mean "unavailable"
+            raise StoreUnavailable(f"the voice store ({where}) cannot be opened: {type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
 
     # -- consents
     def add_consent(self, name: str, language: str, recording: bytes, extension: str) -> dict:
-        consent_id = "cons_" + uuid.uuid4().hex[:24]
-        filename = "recording" + extension
-
-        def write(folder: str) -> None:
-            _write_file(os.path.join(folder, filename), recording)
-
-        row = {"id": consent_id, "name": name, "language": language, "created_at": int(time.time()),
-               "file": filename}
-        self._create("consents", row, write)
+        row = {"id": "cons_" + uuid.uuid4().hex[:24], "name": name, "language": language,
+               "created_at": int(time.time())}
+        self._insert("consents", {**row, "extension": extension, "recording": recording}, {})
         return row
 
     def consents(self) -> list[dict]:
-        return self._rows("SELECT * FROM consents ORDER BY created_at, id")
+        return self._query(f"SELECT {CONSENT_COLUMNS} FROM consents ORDER BY created_at, id")
 
     def consent(self, consent_id: str) -> Optional[dict]:
-        rows = self._rows("SELECT * FROM consents WHERE id = ?", consent_id)
-        return rows[0] if rows else None
+        return self._one(f"SELECT {CONSENT_COLUMNS} FROM consents WHERE id = ?", consent_id)
 
     def rename_consent(self, consent_id: str, name: str) -> Optional[dict]:
-        with self._lock:
-            self._db.execute("UPDATE consents SET name = ? WHERE id = ?", (name, consent_id))
-        return self.consent(consent_id)
+        return self._one(f"UPDATE consents SET name = ? WHERE id = ? RETURNING {CONSENT_COLUMNS}", name, consent_id)
 
     def delete_consent(self, consent_id: str) -> bool:
-        users = self._rows("SELECT name FROM voices WHERE consent_id = ?", consent_id)
-        if users:
-            raise Conflict(f"consent {consent_id} is used by the voices {', '.join(r['name'] for r in users)}; "
-                           "delete them first", param="consent_id", code="consent_in_use")
-        return self._delete("consents", consent_id)
+        try:
+            with self._transaction() as run:
+                users = run("SELECT name FROM voices WHERE consent_id = ?", consent_id)
+                if users:
+                    raise self._consent_in_use(consent_id, [r["name"] for r in users])
+                return bool(run("DELETE FROM consents WHERE id = ? RETURNING id", consent_id))
+        except self._db.integrity_error:     # a voice of another replica took it meanwhile: the foreign key says no
+            raise self._consent_in_use(consent_id, [r["name"] for r in self._query(
+                "SELECT name FROM voices WHERE consent_id = ?", consent_id)]) from None
+
+    @staticmethod
+    def _consent_in_use(consent_id: str, names: list[str]) -> Conflict:
+        return Conflict(f"consent {consent_id} is used by the voices {', '.join(names)}; delete them first",
+                        param="consent_id", code="consent_in_use")
 
     # -- voices
     def add_voice(self, *, name: str, kind: str, consent_id: Optional[str], language: Optional[str],
                   description: Optional[str], prompt: VoicePrompt, sample: np.ndarray) -> dict:
-        voice_id = "voice_" + uuid.uuid4().hex[:24]
-
-        def write(folder: str) -> None:
-            prompt.save(os.path.join(folder, "prompt.safetensors"))
-            _write_file(os.path.join(folder, "sample.wav"), _wav_bytes(sample))
-
-        row = {"id": voice_id, "name": name, "type": kind, "consent_id": consent_id, "language": language,
-               "description": description, "ref_text": prompt.ref_text, "created_at": int(time.time())}
-        self._create("voices", row, write)
+        row = {"id": "voice_" + uuid.uuid4().hex[:24], "name": name, "type": kind, "consent_id": consent_id,
+               "language": language, "description": description, "ref_text": prompt.ref_text,
+               "created_at": int(time.time())}
+        self._insert("voices", {**row, "name_key": name.casefold(), "prompt": prompt.to_bytes(),
+                                "sample": _wav_bytes(sample)}, {
+            "unique": Conflict(f"a voice named {name!r} exists already", param="name", code="voice_name_taken"),
+            "foreign_key": NotFound(f"consent {consent_id!r} not found", param="consent", code="consent_not_found")})
         return row
 
     def voices(self) -> list[dict]:
-        return self._rows("SELECT * FROM voices ORDER BY created_at, id")
+        return self._query(f"SELECT {VOICE_COLUMNS} FROM voices ORDER BY created_at, id")
 
     def voice(self, id_or_name: str) -> Optional[dict]:
-        rows = self._rows("SELECT * FROM voices WHERE id = ? OR name = ? COLLATE NOCASE", id_or_name, id_or_name)
-        return rows[0] if rows else None
+        return self._one(f"SELECT {VOICE_COLUMNS} FROM voices WHERE id = ? OR name_key = ?", id_or_name,
+                         id_or_name.casefold())
+
+    def prompt(self, voice_id: str) -> Optional[VoicePrompt]:
+        row = self._one("SELECT prompt, ref_text FROM voices WHERE id = ?", voice_id)
+        return VoicePrompt.from_bytes(row["prompt"], row["ref_text"]) if row else None
 
     def delete_voice(self, voice_id: str) -> bool:
-        return self._delete("voices", voice_id)
+        return bool(self._query("DELETE FROM voices WHERE id = ? RETURNING id", voice_id))
 
-    # -- the all-or-nothing mechanics
-    def _rows(self, sql: str, *args: Any) -> list[dict]:
-        with self._lock:
-            return [dict(row) for row in self._db.execute(sql, args).fetchall()]
-
-    def _create(self, table: str, row: dict, write: Callable[[str], None]) -> None:
-        import sqlite3
-
-        staging = os.path.join(self.root, "staging", row["id"])
-        os.makedirs(staging)
+    # -- transactions, and the schema
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Run]:
         try:
-            write(staging)
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    columns = ", ".join(row)
-                    self._db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
-                                     tuple(row.values()))
-                    os.rename(staging, os.path.join(self.root, table, row["id"]))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.IntegrityError:
-            raise Conflict(f"a voice named {row['name']!r} exists already", param="name",
-                           code="voice_name_taken") from None
-        finally:
-            _remove_tree(staging)
+            with self._db.transaction() as run:
+                yield run
+        except self._db.unavailable_errors as exc:
+            raise StoreUnavailable(f"the voice store ({self._db.where}) cannot be reached: {exc}") from None
 
-    def _delete(self, table: str, item_id: str) -> bool:
-        with self._lock:
-            deleted = self._db.execute(f"DELETE FROM {table} WHERE id = ?", (item_id,)).rowcount > 0
-        _remove_tree(os.path.join(self.root, table, item_id))
-        return deleted
+    def _query(self, sql: str, *args: Any) -> list[dict]:
+        with self._transaction() as run:
+            return run(sql, *args)
 
-    def _recover(self) -> None:
-        for leftover in os.listdir(os.path.join(self.root, "staging")):
-            _remove_tree(os.path.join(self.root, "staging", leftover))
-        for table, required in (("consents", None), ("voices", "prompt.safetensors")):
-            ids = {row["id"] for row in self._rows(f"SELECT id FROM {table}")}
-            folder = os.path.join(self.root, table)
-            for name in os.listdir(folder):
-                if name not in ids:
-                    logger.warning("removing {}/{}: no row refers to it (an interrupted create or delete)", table, name)
-                    _remove_tree(os.path.join(folder, name))
-            for item_id in ids:
-                path = os.path.join(folder, item_id, required) if required else os.path.join(folder, item_id)
-                if not os.path.exists(path):
-                    logger.warning("removing {} {}: its files are missing", table, item_id)
-                    self._delete(table, item_id)
+    def _one(self, sql: str, *args: Any) -> Optional[dict]:
+        rows = self._query(sql, *args)
+        return rows[0] if rows else None
 
+    def _insert(self, table: str, row: dict, conflicts: dict[str, ServiceError]) -> None:
+        try:
+            with self._transaction() as run:
+                self._insert_row(run, table, row)
+        except self._db.integrity_error as exc:
+            raise conflicts[self._db.violated(exc)] from None
 
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    @staticmethod
+    def _insert_row(run: Run, table: str, row: dict) -> None:
+        run(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", *row.values())
 
+    def _migrate(self, run: Run, data_dir: Optional[str]) -> Optional[str]:
+        """Bring the schema to STORE_SCHEMA_VERSION, under the schema lock (the caller's transaction holds it).
+        Returns the DATA_DIR whose schema-1 files it imported (to delete once the transaction has committed)."""
+        tables = self._db.tables(run)
+        if "schema_version" in tables:
+            version = run("SELECT version FROM schema_version")[0]["version"]
+        elif {"voices", "consents"} & tables:
+            if data_dir is None:
+                raise StoreUnavailable(f"the database of {self._db.where} has tables named voices or consents that "
+                                       "this server did not create: give the server a database of its own")
+            version = 1
+        else:
+            version = 0
+        if version > STORE_SCHEMA_VERSION:
+            raise StoreUnavailable(f"the voice store ({self._db.where}) has schema version {version}; this server "
+                                   f"knows {STORE_SCHEMA_VERSION}: run a newer server")
+        if version == STORE_SCHEMA_VERSION:
+            return None
+        if version == 1:
+            run("ALTER TABLE voices RENAME TO voices_v1")
+            run("ALTER TABLE consents RENAME TO consents_v1")
+        for sql in STORE_TABLES:
+            run(sql.format(blob=self._db.blob))
+        if version == 1:
+            self._import_files(run, cast(str, data_dir))
+        run("INSERT INTO schema_version (version) VALUES (?)", STORE_SCHEMA_VERSION)
+        logger.info("voice store ({}): schema {} -> {}", self._db.where, version, STORE_SCHEMA_VERSION)
+        return data_dir if version == 1 else None
 
-def _remove_tree(path: str) -> None:
-    import shutil
+    def _import_files(self, run: Run, data_dir: str) -> None:
+        """Schema 1 (SQLite rows, audio and prompts in files under DATA_DIR) -> rows holding their bytes. A row whose
+        files are missing (an interrupted create of schema 1) is left out, as schema 1 itself would have done."""
+        def read(*parts: str) -> Optional[bytes]:
+            path = os.path.join(data_dir, *parts)
+            if not os.path.isfile(path):
+                logger.warning("voice store: {} is missing; its row is not imported", path)
+                return None
+            with open(path, "rb") as f:
+                return f.read()
 
-    shutil.rmtree(path, ignore_errors=True)
+        consents = set()
+        for old in run("SELECT * FROM consents_v1"):
+            recording = read("consents", old["id"], old["file"])
+            if recording is not None:
+                self._insert_row(run, "consents", {"id": old["id"], "name": old["name"], "language": old["language"],
+                                                   "created_at": old["created_at"],
+                                                   "extension": os.path.splitext(old["file"])[1],
+                                                   "recording": recording})
+                consents.add(old["id"])
+        for old in run("SELECT * FROM voices_v1"):
+            prompt, sample = read("voices", old["id"], "prompt.safetensors"), read("voices", old["id"], "sample.wav")
+            if prompt is not None and sample is not None:
+                self._insert_row(run, "voices", {
+                    **{k: old[k] for k in VOICE_COLUMNS.split(", ")}, "name_key": old["name"].casefold(),
+                    "consent_id": old["consent_id"] if old["consent_id"] in consents else None,
+                    "prompt": prompt, "sample": sample})
+        run("DROP TABLE voices_v1")
+        run("DROP TABLE consents_v1")
 
 
 def _wav_bytes(pcm: np.ndarray) -> bytes:
@@ -3983,6 +4133,29 @@ async def until_disconnected(request: Request, awaitable: Any, poll: float = 0.2
 
 
 # ---- HTTP: the application state and the request -> plan step shared by every endpoint
+class InFlight:
+    """The HTTP requests and WebSocket utterances being answered now (a token each, held on the event loop): a drain
+    waits for those that were running when it began, not for the requests refused after it."""
+
+    def __init__(self) -> None:
+        self._running: set[object] = set()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        token = object()
+        self._running.add(token)
+        try:
+            yield
+        finally:
+            self._running.discard(token)
+
+    def snapshot(self) -> frozenset[object]:
+        return frozenset(self._running)
+
+    def still_running(self, tokens: frozenset[object]) -> int:
+        return len(tokens & self._running)
+
+
 class Server:
     """Settings, engine, cache and metrics of one running server."""
 
@@ -3994,6 +4167,8 @@ class Server:
         self.cache: LruCache[bytes] = LruCache(settings.audio_cache_max)
         self.prompts: LruCache[VoicePrompt] = LruCache(settings.voice_cache_max)
         self._store: Optional[VoiceStore] = None
+        self._store_lock = threading.Lock()
+        self.in_flight = InFlight()
         self.started = time.time()
 
     async def model_info(self, model_id: Optional[str] = None) -> ModelInfo:
@@ -4001,14 +4176,18 @@ class Server:
 
     @property
     def store(self) -> VoiceStore:
-        """Custom voices and consents under DATA_DIR, opened on first use."""
-        if self._store is None:
-            try:
-                self._store = VoiceStore(self.settings.data_dir)
-            except (OSError, Exception) as exc:  # noqa: BLE001 - sqlite3 and the file system fail in many ways
-                raise StoreUnavailable(f"the voice store in DATA_DIR={self.settings.data_dir} cannot be opened: "
-                                       f"{exc}") from None
-        return self._store
+        """Custom voices and consents (DATABASE_URL, else SQLite under DATA_DIR): opened at start, or on first use
+        after a start that could not reach it."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = VoiceStore.open(self.settings)
+            return self._store
+
+    def close_store(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     async def clone_model(self) -> ModelInfo:
         """The model that speaks cloned voices: MODEL_ID when it is a Base model, else BASE_MODEL_ID."""
@@ -4084,10 +4263,16 @@ class Server:
                        code="invalid_voice")
 
     async def stored_prompt(self, voice_id: str) -> VoicePrompt:
+        """A stored voice's prompt, through the prompt cache. The cache needs no invalidation across replicas: a
+        voice id is never reused and a voice's prompt never changes, and whether the voice still exists is asked of
+        the shared store on every request (choose_voice finds its row first), so a voice deleted through any replica
+        is a 404 on all of them at once; its cached prompt is unused memory that the LRU drops in time."""
         key = f"voice:{voice_id}"
         prompt = self.prompts.get(key)
         if prompt is None:
-            prompt = await run_in_pool(VoicePrompt.load, self.store.prompt_path(voice_id))
+            prompt = await run_in_pool(self.store.prompt, voice_id)
+            if prompt is None:
+                raise NotFound(f"voice {voice_id!r} not found", param="voice", code="voice_not_found")
             self.prompts.put(key, prompt)
         return prompt
 
@@ -4340,23 +4525,122 @@ class ApiKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+# ---- HTTP: graceful drain (SIGTERM)
+DRAIN_FLUSH_SECONDS = 5.0   # after a drain, for cut streams to send their error event and connections to close
+
+
+class Drain:
+    """The first SIGTERM (or SIGINT) starts a drain: /ready answers 503 at once (balancers stop sending), the engine
+    admits nothing new (new synthesis gets 503 ShuttingDown with Retry-After, at once, so a balancer can retry it on
+    another replica), responses say `Connection: close`, and every HTTP request and WebSocket utterance in flight runs
+    on to its end, for up to DRAIN_TIMEOUT seconds. Whatever still runs then fails with ShuttingDown, so a stream ends
+    the way its protocol ends a failed stream (SSE error event, `[ERROR]`, WebSocket error event; raw audio just
+    ends); then `then()` lets the HTTP server stop. A second signal cuts the wait short."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.started: Optional[float] = None         # monotonic time of the signal
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._task: Optional[asyncio.Task] = None
+        self._hurry = asyncio.Event()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop that serves; signals that arrive before it runs stop the server at once."""
+        self._loop = loop
+
+    def signal(self, then: Callable[[], None]) -> None:
+        """From a signal handler: drain (first signal) or stop waiting (second), then call then()."""
+        if self._loop is None or self._loop.is_closed():
+            then()
+        else:
+            self._loop.call_soon_threadsafe(self._signalled, then)
+
+    def _signalled(self, then: Callable[[], None]) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(then))
+        else:
+            logger.warning("second signal: cutting the drain short")
+            self._hurry.set()
+
+    async def _run(self, then: Callable[[], None]) -> None:
+        server, grace = self.server, self.server.settings.drain_timeout
+        self.started = time.monotonic()
+        server.engine.drain()
+        running = server.in_flight.snapshot()
+        logger.info("draining: {} requests in flight, DRAIN_TIMEOUT={:g}s; /ready answers 503", len(running), grace)
+        try:
+            if not await self._until_done(running, grace):
+                logger.warning("drain: {} requests still running after DRAIN_TIMEOUT={:g}s fail with 'shutting "
+                               "down'", server.in_flight.still_running(running), grace)
+                await run_in_pool(server.engine.stop, DRAIN_FLUSH_SECONDS)
+                await self._until_done(running, DRAIN_FLUSH_SECONDS, hurry=False)
+            logger.info("drained in {:.2f}s ({} requests in flight at the signal); stopping",
+                        time.monotonic() - self.started, len(running))
+        finally:
+            then()
+
+    async def _until_done(self, running: frozenset[object], seconds: float, hurry: bool = True) -> bool:
+        """Wait until `running` have all ended (True), or until `seconds` pass or a second signal comes (False)."""
+        deadline = time.monotonic() + seconds
+        while self.server.in_flight.still_running(running):
+            if time.monotonic() >= deadline or (hurry and self._hurry.is_set()):
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+class InFlightMiddleware:
+    """Counts the HTTP requests being answered (Server.in_flight), and during a drain adds `Connection: close` to
+    every response, so that keep-alive clients reconnect (through the balancer, to a replica that is not leaving).
+    A request that the HTTP server cancels when it gives up at shutdown ends with one log line, not a traceback."""
+
+    def __init__(self, app: Any, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message: dict) -> None:
+            if (message["type"] == "http.response.start" and self.drain.started is not None
+                    and scope.get("http_version", "1.1").startswith("1")):    # HTTP/2 has no Connection header
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        with self.drain.server.in_flight.hold():
+            try:
+                await self.app(scope, receive, send_closing)
+            except asyncio.CancelledError:
+                if self.drain.started is None:
+                    raise
+                logger.warning("{} {} was cut at shutdown", scope["method"], scope["path"])
+
+
 # ---- HTTP: routes
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     """The FastAPI application; the engine starts and stops with it."""
     server = Server(settings or load_settings())
+    drain = Drain(server)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.attach(asyncio.get_running_loop())
         server.engine.start()
+        try:        # at start, so that replicas starting together create or migrate the schema under its lock
+            await run_in_pool(lambda: server.store)
+        except StoreUnavailable as exc:
+            logger.warning("{}; custom voices answer 503 until it can be opened", exc)
         logger.info("qwen3-tts server {} ready: model {}, preload {}", VERSION, server.settings.model_id,
                     server.settings.preload_model)
         yield
-        await asyncio.get_running_loop().run_in_executor(None, server.engine.stop)
+        await run_in_pool(server.engine.stop)
+        server.close_store()
 
     app = FastAPI(title="Qwen3-TTS OpenAI-compatible server", version=VERSION, lifespan=lifespan)
-    app.state.server = server
+    app.state.server, app.state.drain = server, drain
     if server.settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=server.settings.api_key)
+    app.add_middleware(InFlightMiddleware, drain=drain)        # outermost: it sees every request, authorized or not
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -4455,8 +4739,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/ready", summary="Readiness for orchestrators: 200 once the model has loaded and warmed up")
     async def ready() -> JSONResponse:
         manager = server.engine.manager()
-        is_ready = manager.warmed and manager.state != "failed"
-        body = {"ready": is_ready, "model_state": manager.state, "model_error": manager.error}
+        draining = drain.started is not None
+        is_ready = manager.warmed and manager.state != "failed" and not draining
+        body = {"ready": is_ready, "model_state": manager.state, "model_error": manager.error, "draining": draining}
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
     @app.post("/cache/clear", summary="Empty the audio cache and the voice-prompt cache")
@@ -4683,7 +4968,8 @@ class WebSocketSession:
                     return
                 if isinstance(message, dict) and message.get("event") == "cancel":
                     continue                      # nothing in progress to cancel
-                await self._utterance(message)
+                with self.server.in_flight.hold():
+                    await self._utterance(message)
         except WebSocketDisconnect:
             return
         finally:
@@ -4902,16 +5188,40 @@ def serve_tls(app: FastAPI, settings: Settings) -> None:
     config.certfile, config.keyfile = settings.ssl_certfile, settings.ssl_keyfile
     config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
-    config.graceful_timeout = 10
+    config.graceful_timeout = DRAIN_FLUSH_SECONDS      # the drain has run by then: only final bytes are left
     config.umask = 0o111            # a Unix socket is created 0666, as uvicorn does: a proxy user can connect
+    drain: Drain = app.state.drain
+
+    async def drained() -> None:
+        """Hypercorn's shutdown trigger: SIGTERM or SIGINT, then the drain."""
+        loop, done = asyncio.get_running_loop(), asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, drain.signal, done.set)
+        await done.wait()
+
     logger.info("serving HTTPS (HTTP/2 and HTTP/1.1) on {}", config.bind[0])
-    asyncio.run(serve(app, config))
+    asyncio.run(serve(app, config, shutdown_trigger=drained))
+
+
+def serve_http(app: FastAPI, settings: Settings) -> None:
+    """HTTP/1.1 and WebSocket through uvicorn, whose signal handling starts the drain; uvicorn's own shutdown (stop
+    listening, close connections, lifespan shutdown) follows it."""
+    import uvicorn
+
+    drain: Drain = app.state.drain
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            drain.signal(lambda: uvicorn.Server.handle_exit(self, sig, frame))
+
+    where = {"uds": settings.unix_socket_path} if settings.unix_socket_path else {"host": settings.host,
+                                                                                   "port": settings.port}
+    DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
+                                  timeout_graceful_shutdown=int(DRAIN_FLUSH_SECONDS), **where)).run()
 
 
 def main() -> None:
     """Serve on TCP or a Unix socket (UNIX_SOCKET_PATH); with SSL_KEYFILE/SSL_CERTFILE, HTTPS with HTTP/2."""
-    import uvicorn
-
     try:
         settings = load_settings()
         if settings.ssl_keyfile:
@@ -4923,10 +5233,8 @@ def main() -> None:
     app = create_app(settings)
     if settings.ssl_keyfile:
         serve_tls(app, settings)
-        return
-    where = {"uds": settings.unix_socket_path} if settings.unix_socket_path else {"host": settings.host,
-                                                                                   "port": settings.port}
-    uvicorn.run(app, log_config=None, access_log=False, timeout_graceful_shutdown=10, **where)
+    else:
+        serve_http(app, settings)
 
 
 if __name__ == "__main__":

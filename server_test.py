@@ -102,7 +102,7 @@ def test_settings_parse_values():
 
 
 @pytest.mark.parametrize("error, status, code, retry_after", [
-    (server.ShuttingDown(), 503, "shutting_down", None),
+    (server.ShuttingDown(), 503, "shutting_down", "1"),
     (server.QueueFull(5, 5, 7), 503, "queue_full", "7"),
     (server.TimedOut("synthesis did not finish within REQUEST_TIMEOUT=3s"), 504, "timeout", None),
     (server.ModelUnavailable("model 'x' could not be loaded"), 503, "model_unavailable", "5"),
@@ -1670,62 +1670,213 @@ def _prompt() -> server.VoicePrompt:
                               ref_text="what the sample says")
 
 
-def test_voice_prompts_round_trip_through_their_file(tmp_path):
+def test_voice_prompts_round_trip_through_their_bytes():
     prompt = _prompt()
-    prompt.save(str(tmp_path / "p.safetensors"))
-    loaded = server.VoicePrompt.load(str(tmp_path / "p.safetensors"))
+    loaded = server.VoicePrompt.from_bytes(prompt.to_bytes(), prompt.ref_text)
     assert torch.equal(loaded.spk_embedding, prompt.spk_embedding) and torch.equal(loaded.ref_code, prompt.ref_code)
     assert loaded.ref_text == prompt.ref_text and loaded.icl
     xvector = server.VoicePrompt(spk_embedding=torch.randn(32))
-    xvector.save(str(tmp_path / "x.safetensors"))
-    assert not server.VoicePrompt.load(str(tmp_path / "x.safetensors")).icl
+    assert not server.VoicePrompt.from_bytes(xvector.to_bytes(), None).icl
 
 
-def test_the_store_keeps_voices_across_reopening_and_deletes_every_file(tmp_path):
-    store = server.VoiceStore(str(tmp_path))
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (tools/pg_cluster.py) for the whole session; each test takes a database of its own.
+    Without PostgreSQL installed the PostgreSQL cases skip, except in CI (CI=true), where that is a failure."""
+    from pg_cluster import PostgresCluster, postgres_bindir
+
+    if postgres_bindir() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (scripts/install.sh --dev installs it as root)")
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_settings(request, tmp_path) -> Settings:
+    """Settings naming a fresh, empty store on each backend."""
+    if request.param == "sqlite":
+        return Settings(data_dir=str(tmp_path / "data"))
+    cluster = request.getfixturevalue("postgres")
+    return Settings(data_dir=str(tmp_path / "unused"), database_url=cluster.new_database(f"t{os.urandom(6).hex()}"))
+
+
+def _add_voice(store: server.VoiceStore, name: str, consent_id=None) -> dict:
+    return store.add_voice(name=name, kind="audio_sample", consent_id=consent_id, language="en-US", description=None,
+                           prompt=_prompt(), sample=np.full(2400, 0.1, np.float32))
+
+
+def test_the_store_keeps_voices_across_reopening_and_deletes_everything(store_settings):
+    store = server.VoiceStore.open(store_settings)
     consent = store.add_consent("c", "en-US", b"recording", ".wav")
+    prompt = _prompt()
     voice = store.add_voice(name="Alice", kind="audio_sample", consent_id=consent["id"], language="en-US",
-                            description=None, prompt=_prompt(), sample=np.zeros(24000, np.float32))
-    reopened = server.VoiceStore(str(tmp_path))
+                            description=None, prompt=prompt, sample=np.zeros(24000, np.float32))
+    store.close()
+    reopened = server.VoiceStore.open(store_settings)
     assert reopened.voice("alice")["id"] == voice["id"] and reopened.voice(voice["id"])["name"] == "Alice"
     assert reopened.consent(consent["id"])["language"] == "en-US"
+    assert torch.equal(reopened.prompt(voice["id"]).ref_code, prompt.ref_code)
+    assert reopened.rename_consent(consent["id"], "renamed")["name"] == "renamed"
     with pytest.raises(server.Conflict) as err:
-        reopened.add_voice(name="ALICE", kind="audio_sample", consent_id=None, language=None, description=None,
-                           prompt=_prompt(), sample=np.zeros(10, np.float32))
+        _add_voice(reopened, "ALICE")
     assert server.api_error(err.value).status == 409 and err.value.code == "voice_name_taken"
+    with pytest.raises(server.NotFound) as err:
+        _add_voice(reopened, "Bob", consent_id="cons_missing")
+    assert err.value.code == "consent_not_found"
     with pytest.raises(server.Conflict) as err:
         reopened.delete_consent(consent["id"])
     assert server.api_error(err.value).status == 409 and err.value.code == "consent_in_use"   # still used by Alice
-    assert reopened.delete_voice(voice["id"]) and not os.path.exists(reopened.voice_dir(voice["id"]))
-    assert reopened.voice("alice") is None and reopened.delete_consent(consent["id"])
-    assert os.listdir(tmp_path / "voices") == [] and os.listdir(tmp_path / "consents") == []
+    assert reopened.delete_voice(voice["id"]) and not reopened.delete_voice(voice["id"])
+    assert reopened.voice("alice") is None and reopened.prompt(voice["id"]) is None
+    assert reopened.delete_consent(consent["id"]) and reopened.consents() == []
+    with reopened._transaction() as run:                       # nothing of either is left anywhere
+        assert run("SELECT count(*) AS n FROM voices")[0]["n"] == run("SELECT count(*) AS n FROM consents")[0]["n"] == 0
+    reopened.close()
 
 
-def test_a_create_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch):
-    store = server.VoiceStore(str(tmp_path))
+CRASH_MID_CREATE = """
+import os, signal, sys
+import numpy as np, torch
+sys.path.insert(0, {root!r})
+import server
+backend = server.PostgresDatabase if {url!r} else server.SqliteDatabase
+run = backend._run
+def run_then_die(*args):
+    rows = run(*args)
+    if any(isinstance(a, str) and a.startswith("INSERT INTO voices") for a in args):
+        os.kill(os.getpid(), signal.SIGKILL)      # the row is written, the transaction not committed
+    return rows
+backend._run = staticmethod(run_then_die) if backend is server.PostgresDatabase else run_then_die
+store = server.VoiceStore.open(server.Settings(data_dir={data_dir!r}, database_url={url!r}))
+store.add_voice(name="Half", kind="audio_sample", consent_id=None, language=None, description=None,
+                prompt=server.VoicePrompt(spk_embedding=torch.zeros(4)), sample=np.zeros(10, np.float32))
+"""
 
-    def crash(self, path):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(server.VoicePrompt, "save", crash)
-    with pytest.raises(OSError):
-        store.add_voice(name="Half", kind="audio_sample", consent_id=None, language=None, description=None,
-                        prompt=_prompt(), sample=np.zeros(10, np.float32))
-    assert store.voices() == [] and os.listdir(tmp_path / "voices") == [] and os.listdir(tmp_path / "staging") == []
+def test_a_process_killed_in_the_middle_of_a_create_leaves_nothing(store_settings):
+    server.VoiceStore.open(store_settings).close()
+    script = CRASH_MID_CREATE.format(root=str(ROOT), url=store_settings.database_url,
+                                     data_dir=store_settings.data_dir)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]              # it died inside the transaction
+    store = server.VoiceStore.open(store_settings)
+    assert store.voices() == [] and store.voice("half") is None
+    assert _add_voice(store, "Half")["name"] == "Half"                 # and the name is free
+    store.close()
 
 
-def test_opening_the_store_cleans_up_after_a_crash(tmp_path):
-    store = server.VoiceStore(str(tmp_path))
-    kept = store.add_voice(name="Kept", kind="audio_sample", consent_id=None, language=None, description=None,
-                           prompt=_prompt(), sample=np.zeros(10, np.float32))
-    lost = store.add_voice(name="Lost files", kind="audio_sample", consent_id=None, language=None,
-                           description=None, prompt=_prompt(), sample=np.zeros(10, np.float32))
-    os.remove(store.prompt_path(lost["id"]))                         # a row whose files vanished
-    os.makedirs(tmp_path / "voices" / "voice_orphan")                # files whose row never committed
-    os.makedirs(tmp_path / "staging" / "voice_interrupted")          # a create killed before it committed
-    reopened = server.VoiceStore(str(tmp_path))
-    assert [v["id"] for v in reopened.voices()] == [kept["id"]]
-    assert sorted(os.listdir(tmp_path / "voices")) == [kept["id"]] and os.listdir(tmp_path / "staging") == []
+def test_two_replicas_share_voices_and_one_name_goes_to_one_of_them(store_settings):
+    a, b = server.VoiceStore.open(store_settings), server.VoiceStore.open(store_settings)
+    voice = _add_voice(a, "Shared")
+    assert b.voice("shared")["id"] == voice["id"] and b.prompt(voice["id"]) is not None
+    assert a.delete_voice(voice["id"])
+    assert b.voice(voice["id"]) is None and b.prompt(voice["id"]) is None      # gone for the other replica too
+
+    outcomes: list = []
+    barrier = threading.Barrier(2)
+
+    def create(store: server.VoiceStore) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(_add_voice(store, "Race")["id"])
+        except server.Conflict as exc:
+            outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=create, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    created = [o for o in outcomes if o != "voice_name_taken"]
+    assert len(outcomes) == 2 and len(created) == 1, outcomes                  # one 201, one 409
+    assert [v["id"] for v in b.voices()] == created and a.voice("race")["id"] == created[0]
+    a.close()
+    b.close()
+
+
+def test_replicas_opening_a_new_store_together_create_the_schema_once(store_settings):
+    barrier = threading.Barrier(4)
+    results: list = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            results.append(server.VoiceStore.open(store_settings))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(isinstance(r, server.VoiceStore) for r in results), results
+    with results[0]._transaction() as run:
+        assert run("SELECT version FROM schema_version") == [{"version": server.STORE_SCHEMA_VERSION}]
+    for store in results:
+        store.close()
+
+
+def test_a_store_newer_than_the_server_or_out_of_reach_is_unavailable(store_settings, tmp_path):
+    store = server.VoiceStore.open(store_settings)
+    with store._transaction() as run:
+        run("UPDATE schema_version SET version = ?", server.STORE_SCHEMA_VERSION + 1)
+    store.close()
+    with pytest.raises(server.StoreUnavailable, match="schema version 3"):
+        server.VoiceStore.open(store_settings)
+    from pg_cluster import free_port
+
+    unreachable = Settings(database_url=f"postgresql://tts:secret@127.0.0.1:{free_port()}/tts")
+    with pytest.raises(server.StoreUnavailable, match="DATABASE_URL") as err:
+        server.VoiceStore.open(unreachable)
+    assert "secret" not in str(err.value) and server.api_error(err.value).status == 503
+
+
+def test_database_url_must_be_postgresql_and_its_password_stays_out_of_errors():
+    assert load_settings({"DATABASE_URL": "postgresql://u:p@db/tts"}).database_url == "postgresql://u:p@db/tts"
+    with pytest.raises(SettingsError, match="DATABASE_URL") as err:
+        load_settings({"DATABASE_URL": "mysql://u:hunter2@db/tts"})
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_data_dir_of_the_file_layout_is_imported_into_the_database(tmp_path):
+    """Schema 1 (before DATABASE_URL): rows in voices.db, audio and prompts in files. Opening it imports the files
+    into the rows and deletes them; a row whose files are missing (an interrupted create) is dropped."""
+    import sqlite3
+
+    from safetensors.torch import save_file
+
+    prompt = _prompt()
+    db = sqlite3.connect(tmp_path / "voices.db")
+    db.executescript("""
+        CREATE TABLE consents (id TEXT PRIMARY KEY, name TEXT NOT NULL, language TEXT NOT NULL,
+                               created_at INTEGER NOT NULL, file TEXT NOT NULL);
+        CREATE TABLE voices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE COLLATE NOCASE, type TEXT NOT NULL,
+                             consent_id TEXT, language TEXT, description TEXT, ref_text TEXT,
+                             created_at INTEGER NOT NULL);
+        INSERT INTO consents VALUES ('cons_1', 'Consent', 'en-US', 1, 'recording.wav');
+        INSERT INTO voices VALUES ('voice_1', 'Alice', 'audio_sample', 'cons_1', 'en-US', NULL,
+                                   'what the sample says', 2);
+        INSERT INTO voices VALUES ('voice_2', 'Lost', 'audio_sample', NULL, NULL, NULL, NULL, 3);
+    """)
+    db.commit()
+    db.close()
+    (tmp_path / "consents" / "cons_1").mkdir(parents=True)
+    (tmp_path / "consents" / "cons_1" / "recording.wav").write_bytes(b"RIFF consent")
+    (tmp_path / "voices" / "voice_1").mkdir(parents=True)
+    save_file({"spk_embedding": prompt.spk_embedding, "ref_code": prompt.ref_code},
+              str(tmp_path / "voices" / "voice_1" / "prompt.safetensors"), metadata={"ref_text": prompt.ref_text})
+    (tmp_path / "voices" / "voice_1" / "sample.wav").write_bytes(b"RIFF sample")
+    (tmp_path / "staging" / "voice_3").mkdir(parents=True)        # a create of schema 1 killed half way
+
+    store = server.VoiceStore.open(Settings(data_dir=str(tmp_path)))
+    assert [v["id"] for v in store.voices()] == ["voice_1"] and store.voice("ALICE")["consent_id"] == "cons_1"
+    loaded = store.prompt("voice_1")
+    assert torch.equal(loaded.ref_code, prompt.ref_code) and loaded.ref_text == prompt.ref_text
+    assert store.consent("cons_1")["name"] == "Consent"
+    assert sorted(os.listdir(tmp_path)) == ["voices.db", "voices.db-shm", "voices.db-wal"]   # the files are gone
+    store.close()
+    assert [v["id"] for v in server.VoiceStore.open(Settings(data_dir=str(tmp_path))).voices()] == ["voice_1"]
 
 
 def test_reference_audio_is_checked_and_resampled():

@@ -58,7 +58,7 @@ class ServerProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 180) -> ServerProcess:
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.env.get('SSL_CERTFILE') else 'http'}://127.0.0.1:{port}"   # TLS: Hypercorn
         LOGS.mkdir(exist_ok=True)
         data_dir = tempfile.mkdtemp(prefix=f"{self.name}-data-", dir=LOGS)   # custom voices: fresh unless given
         env = {**os.environ, **BASE_ENV, "HOST": "127.0.0.1", "PORT": str(port), "DATA_DIR": data_dir, **self.env}
@@ -72,7 +72,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                health = httpx.get(self.url + "/health", timeout=2).json()
+                health = httpx.get(self.url + "/health", timeout=2, verify=False).json()
                 if not wait_ready or health["model_state"] in ("ready", "failed"):
                     return self
             except httpx.HTTPError:

@@ -540,19 +540,6 @@ def test_readme_compose_overrides_do_what_they_say(tmp_path):
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
-def test_readme_kubernetes_snippet_probes_readiness_and_liveness():
-    import yaml
-
-    block = next(b for b in readme_yaml_blocks() if "kind: Deployment" in b)
-    deployment, svc = list(yaml.safe_load_all(block))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8000}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
-    assert {"name": "PRELOAD_MODEL", "value": "true"} in container["env"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert svc["kind"] == "Service" and svc["spec"]["ports"][0]["targetPort"] == 8000
-
-
 def test_dockerfile_copies_only_what_dockerignore_lets_in():
     """A COPY of a file that .dockerignore leaves out of the build context fails the build: catch it here."""
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}

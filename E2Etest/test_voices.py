@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -44,6 +47,16 @@ def encode(pcm: np.ndarray, container: str, codec: str, rate: int = 24000) -> by
 
 def wav(seconds: float, amplitude: float = 0.2) -> bytes:
     return encode(tone(seconds, amplitude), "wav", "pcm_s16le")
+
+
+@contextlib.contextmanager
+def stored(data_dir: str) -> Iterator[sqlite3.Connection]:
+    """The server's SQLite store, read-only: what a voice left in the database."""
+    db = sqlite3.connect(f"file:{Path(data_dir) / 'voices.db'}?mode=ro", uri=True)
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +148,18 @@ def test_a_voice_from_a_sample_speaks_everywhere_and_survives_a_restart(voices_s
             speak(again, {"id": voice.id})
         with pytest.raises(openai.BadRequestError):
             speak(again, "alice")
-    assert not (Path(data_dir) / "voices" / voice.id).exists()          # deleting removes every file
+    with stored(data_dir) as db:                                       # deleting removes the row and its bytes
+        assert db.execute("SELECT count(*) FROM voices WHERE id = ?", (voice.id,)).fetchone() == (0,)
 
 
 def test_a_sample_with_its_transcript_clones_in_context(sdk, consent, data_dir):
-    from safetensors import safe_open
+    from safetensors.torch import load
 
     voice = sdk.audio.voices.create(name="Bob", consent=consent.id, audio_sample=("s.wav", wav(4), "audio/wav"),
                                     extra_body={"ref_text": "This is what the sample says."})
-    with safe_open(str(Path(data_dir) / "voices" / voice.id / "prompt.safetensors"), framework="pt") as f:
-        assert "ref_code" in f.keys() and f.metadata()["ref_text"] == "This is what the sample says."  # noqa: SIM118
+    with stored(data_dir) as db:
+        prompt, ref_text = db.execute("SELECT prompt, ref_text FROM voices WHERE id = ?", (voice.id,)).fetchone()
+    assert "ref_code" in load(prompt) and ref_text == "This is what the sample says."
     assert speak(sdk, {"id": voice.id}).size > 0
 
 

@@ -7,7 +7,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py load     [--model DIR]   # throughput and TTFA vs concurrency, batched vs serial
     .venv/bin/python bench/bench.py arrivals [--model DIR]   # staggered arrivals: continuous vs static vs serial
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
-    .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost, speech with a cached prompt
+    .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost; the store on SQLite vs PostgreSQL
 
 --model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
 --full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
@@ -356,6 +356,51 @@ def scenario_voices(args: argparse.Namespace) -> None:
         rows.append([f"built-in voice, same text (p50 of {args.repeat})",
                      fmt(statistics.median(builtin() for _ in range(args.repeat)))])
     table(f"voices: {args.model} + {base} ({len(SHORT)} chars; seconds)", ["measure", "seconds"], rows)
+    store_latency(args, env, reference)
+
+
+def store_latency(args: argparse.Namespace, env: dict, reference: bytes) -> None:
+    """The voice store on SQLite (DATA_DIR) and on PostgreSQL (DATABASE_URL, a private server started here), side by
+    side: create (prompt computed + row written), look up, speak (the row looked up, the prompt cached or read from
+    the store), delete. p50 of --repeat rounds, in milliseconds."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from pg_cluster import PostgresCluster
+
+    def measure(url: str) -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {}
+
+        def timed(name: str, method: str, path: str, **kw) -> httpx.Response:
+            started = time.monotonic()
+            r = c.request(method, path, **kw)
+            times.setdefault(name, []).append(time.monotonic() - started)
+            assert r.status_code == 200, r.text
+            return r
+
+        with httpx.Client(base_url=url, timeout=1800) as c:
+            consent = timed("consent create", "POST", "/v1/audio/voice_consents",
+                            data={"name": "c", "language": "en-US"}, files={"recording": ("c.wav", reference)}).json()
+            speech = {"input": SHORT, "seed": 1, "response_format": "pcm"}
+            for i in range(args.repeat + 1):                  # round 0 loads the Base model: not counted
+                voice = timed("voice create (prompt + row)", "POST", "/v1/audio/voices",
+                              data={"name": f"v{i}", "consent": consent["id"]},
+                              files={"audio_sample": ("s.wav", reference)}).json()
+                timed("voice lookup (GET)", "GET", f"/v1/audio/voices/{voice['id']}")
+                timed("voice list (GET)", "GET", "/v1/audio/voices")
+                timed("speak, prompt cached", "POST", "/v1/audio/speech", json={**speech, "voice": voice["id"]})
+                c.post("/cache/clear")
+                timed("speak, prompt from the store", "POST", "/v1/audio/speech",
+                      json={**speech, "voice": voice["id"]})
+                timed("voice delete", "DELETE", f"/v1/audio/voices/{voice['id']}")
+        return {name: values[1:] if len(values) > 1 else values for name, values in times.items()}
+
+    results = {}
+    with running_server({**env, "DATA_DIR": tempfile.mkdtemp(prefix="bench-sqlite-")}, wait_for="ready") as (url, _, _):
+        results["SQLite"] = measure(url)
+    with PostgresCluster() as pg, running_server({**env, "DATABASE_URL": pg.url}, wait_for="ready") as (url, _, _):
+        results["PostgreSQL"] = measure(url)
+    names = list(results["SQLite"])
+    table(f"voice store, SQLite vs PostgreSQL (p50 of {args.repeat}, ms)", ["operation", *results],
+          [[name, *(f"{statistics.median(r[name]) * 1000:.1f}" for r in results.values())] for name in names])
 
 
 def main() -> None:

@@ -22,6 +22,12 @@ $dev && { command -v openssl >/dev/null 2>&1 || missing+=(openssl); }
 $dev && { command -v chromium >/dev/null 2>&1 || missing+=(chromium); }
 libs=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
 $dev && { grep -q libjemalloc.so.2 <<<"$libs" || missing+=(libjemalloc2); }
+# The voice store's tests on PostgreSQL and the multi-replica test: a PostgreSQL server that the tests start
+# themselves (tools/pg_cluster.py; Debian keeps initdb under /usr/lib/postgresql/<version>/bin), and HAProxy as the
+# load balancer in front of the replicas.
+$dev && { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+            || missing+=(postgresql); }
+$dev && { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy); }
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages: ${missing[*]}"
