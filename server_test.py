@@ -776,6 +776,7 @@ NORMALIZATION_CASES = [
     ("de", "30 Min.", "dreißig Minuten"),
     ("de", "am 3. Mai", "am dritten Mai"),
     ("de", "der 3. Oktober", "der dritte Oktober"),
+    ("de", "vom 3. Mai", "vom dritten Mai"),
     ("de", "15.03.2024", "fünfzehnter März zweitausendvierundzwanzig"),
     ("de", "2024-03-15", "fünfzehnter März zweitausendvierundzwanzig"),
     ("de", "Im Jahr 1999", "Im Jahr neunzehnhundertneunundneunzig"),
@@ -803,6 +804,7 @@ NORMALIZATION_CASES = [
     ("fr", "1 £", "une livre"),
     ("fr", "1,5 million €", "un virgule cinq million d'euros"),
     ("fr", "2 millions $", "deux millions de dollars"),
+    ("fr", "2 millions €", "deux millions d'euros"),
     ("fr", "50 %", "cinquante pour cent"),
     ("fr", "1 km", "un kilomètre"),
     ("fr", "1,5 km", "un virgule cinq kilomètre"),
@@ -882,6 +884,7 @@ NORMALIZATION_CASES = [
     # Russian
     ("ru", "1 234 567", "один миллион двести тридцать четыре тысячи пятьсот шестьдесят семь"),
     ("ru", "3,14", "три целых четырнадцать сотых"),
+    ("ru", "3,14159", "три запятая один четыре один пять девять"),
     ("ru", "2,5", "две целых пять десятых"),
     ("ru", "1 км", "один километр"),
     ("ru", "2 км", "два километра"),
@@ -901,7 +904,9 @@ NORMALIZATION_CASES = [
     ("ru", "$2", "два доллара"),
     ("ru", "2 млн рублей", "два миллиона рублей"),
     ("ru", "5 млн", "пять миллионов"),
+    ("ru", "2 тыс.", "две тысячи"),
     ("ru", "в 1999 г.", "в тысяча девятьсот девяносто девятом году"),
+    ("ru", "1999 г.", "тысяча девятьсот девяносто девятого года"),
     ("ru", "в 2024 году", "в две тысячи двадцать четвёртом году"),
     ("ru", "15 марта 2024 года", "пятнадцатое марта две тысячи двадцать четвёртого года"),
     ("ru", "15.03.2024", "пятнадцатое марта две тысячи двадцать четвёртого года"),
@@ -909,11 +914,13 @@ NORMALIZATION_CASES = [
     ("ru", "в 9:05", "в девять ноль пять"),
     ("ru", "5-й дом", "пятый дом"),
     ("ru", "2-я улица", "вторая улица"),
+    ("ru", "в 90-х", "в девяностых"),
     ("ru", "т.е. и т.к.", "то есть и так как"),
     ("ru", "яблоки и т.д.", "яблоки и так далее."),
     ("ru", "и т.п. Потом", "и тому подобное. Потом"),
     # Chinese
     ("zh", "1,234,567.5", "一百二十三万四千五百六十七点五"),
+    ("zh", "3.05", "三点零五"),
     ("zh", "我有3个苹果", "我有三个苹果"),
     ("zh", "2个人", "两个人"),
     ("zh", "-12度", "负十二度"),
@@ -962,6 +969,45 @@ def test_normalize_text(language: str, text: str, expected: str) -> None:
 @pytest.mark.parametrize(("language", "text", "expected"), NORMALIZATION_CASES)
 def test_normalize_text_is_idempotent(language: str, text: str, expected: str) -> None:
     assert normalize_text(expected, language) == expected
+
+
+def test_a_new_language_is_one_table_and_the_defaults_read_it() -> None:
+    dutch = server._LanguageData(
+        code="nl", name="dutch", script="latin", design_script="Hallo!", point_word="komma",
+        signs={"-": "min", "+": "plus", "±": "plus-min"}, and_word="en", number_word="nummer",
+        units={"km": "kilometer|kilometer", "%": "procent|procent", "h": "uur|uur"},
+        currencies={"EUR": server._Money("euro|euro", "cent|cent")},
+        date_formats=("{day} {month} {year}", "{day} {month}"), time_formats=("{h} uur {m}", "{h} uur"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(server._LANGUAGE_DATA, "nl", dutch)
+        assert normalize_text("Om 14:30 liep ik 1,5 km voor €3,50 op 15.03.2024.", "nl") == (
+            "Om veertien uur dertig liep ik één komma vijf kilometer voor drie euro vijftig cent op vijftien maart "
+            "tweeduizendvierentwintig.")
+
+
+def test_the_voices_and_the_detector_read_the_one_list_of_languages() -> None:
+    for code, lang in server._LANGUAGE_DATA.items():
+        assert server.LANGUAGES[code] == lang.name and server.DESIGN_SCRIPTS[code] == lang.design_script
+        assert detect_language(lang.design_script) == code
+    assert set(server.LANGUAGES) == set(server.DESIGN_SCRIPTS) == set(server._LANGUAGE_DATA)
+
+
+def test_a_failing_rule_is_logged_by_name_and_its_text_kept(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    lines: list[str] = []
+    sink = server.logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        monkeypatch.setattr(server, "_say_money", broken)
+        monkeypatch.setattr(server, "_failed_rules", set())
+        assert normalize_text("Pay $5 for 3 apples.", "en") == "Pay $five for three apples."
+        monkeypatch.setattr(server, "_RULES", (server._speak_numbers, broken))
+        assert normalize_text("3 apples", "en") == "three apples"
+    finally:
+        server.logger.remove(sink)
+    assert any("text rule speak_money failed (RuntimeError: boom)" in line for line in lines), lines
+    assert any("text rule broken failed (RuntimeError: boom)" in line for line in lines), lines
 
 
 def test_unknown_language_returns_text_unchanged() -> None:
