@@ -423,9 +423,10 @@ def _singular_for_one(number: _WrittenNumber) -> int:
 
 
 # Currency symbols and codes -> ISO code, for every language (a table may read a symbol its own way).
-_CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY", "￥": "JPY"}
+_CURRENCY_SYMBOLS = {"$": "USD", "R$": "BRL", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY",
+                     "￥": "JPY"}
 _CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
-                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB"}
+                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB", "BRL": "BRL"}
 
 # A 24-hour clock time, 14:30: the time pattern of most languages.
 _CLOCK_24H = r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)"
@@ -436,7 +437,7 @@ class _LanguageData:
     """One supported language: what the model calls it, its script, and everything the normalization rules need.
 
     Defaults are the most common convention, so a table states only what differs. Where a language reads something
-    its own way, the table names a function (cardinal, ordinal, noun_form, decimal, date_rules).
+    its own way, the table names a function (cardinal, decimal, noun_form, agreeing_number, ordinal, own_rules).
     """
 
     code: str  # ISO 639-1
@@ -460,6 +461,8 @@ class _LanguageData:
     cardinal: Callable[[int, _LanguageData], str] = _num2words_cardinal
     decimal: Optional[Callable[[_WrittenNumber, _LanguageData], Optional[str]]] = None  # own decimal reading, or None
     noun_form: Callable[[_WrittenNumber], int] = _singular_for_one  # index of the form in "a|b(|c)"
+    # a whole number read in agreement with the words after it (None: the plain cardinal), or None for no agreement
+    agreeing_number: Optional[Callable[[int, re.Match[str], _LanguageData], Optional[str]]] = None
     # units, money, scale words, abbreviations
     unit_genders: dict[str, str] = field(default_factory=dict)  # symbol -> grammatical gender when not "m"
     currency_symbols: dict[str, str] = field(default_factory=_CURRENCY_SYMBOLS.copy)
@@ -471,11 +474,13 @@ class _LanguageData:
     abbreviations: tuple[_Abbr, ...] = ()
     # dates and times
     textual_dates: tuple[str, ...] = ()  # regexes with day/month/year groups; "{M}" is the month alternation
-    date_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()  # the language's own calendar expressions
+    own_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()  # rules of its own, run after the dates
     day_first: bool = True  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
     day_style: str = "cardinal"  # "ordinal" | "cardinal"
     day_endings: dict[str, str] = field(default_factory=dict)  # word before a date -> ending of its ordinal day
     day_ending: str = ""  # ending of an ordinal day after any other word
+    day_cases: dict[str, str] = field(default_factory=dict)  # word before a date ("": none) -> case of its day
+    day_case: str = "n"  # case of an ordinal day after any other word
     first_day: str | None = None  # special word for day 1 with "cardinal" day_style (premier, primo...)
     month_style: str = "name"  # "name" (from babel) | "number"
     month_overrides: dict[int, str] = field(default_factory=dict)  # month number -> word, where the cardinal is wrong
@@ -486,6 +491,12 @@ class _LanguageData:
     twelve_hour_clock: bool = False
     minute_zero: str | None = None  # spoken leading zero of minutes 01-09 ("oh", "ноль", "零")
     hour_gender: str | None = None
+    # phone numbers, read digit by digit: a regex for the words right before one ("call ", "拨打"), one for the
+    # words right after one (" operator", "报警"), digits read their own way (zh 1 -> 幺) and the pause between groups
+    phone_before: str | None = None
+    phone_after: str | None = None
+    phone_digits: dict[str, str] = field(default_factory=dict)
+    phone_pause: str = ", "
     # ordinals
     ordinal: Callable[[int, _LanguageData, str, str], str] = _num2words_ordinal  # (n, lang, gender, case)
     ordinal_separator: str = ""  # regex between the digits and the ordinal suffix
@@ -532,7 +543,7 @@ _EN = _LanguageData(
     design_script=("Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read "
                    "for you."),
     cardinal=_english_cardinal,
-    date_rules=(_speak_english_decades,),
+    own_rules=(_speak_english_decades,),
     decimal_mark=".",
     point_word="point",
     signs={"-": "minus", "+": "plus", "±": "plus or minus"},
@@ -554,6 +565,7 @@ _EN = _LanguageData(
         "USD": _Money("dollar|dollars", "cent|cents"), "EUR": _Money("euro|euros", "cent|cents"),
         "GBP": _Money("pound|pounds", "penny|pence"), "JPY": _Money("yen|yen"),
         "CNY": _Money("yuan|yuan"), "KRW": _Money("won|won"), "RUB": _Money("ruble|rubles", "kopek|kopeks"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="and",
     scales={"thousand": "thousand|thousand", "million": "million|million", "billion": "billion|billion",
@@ -593,6 +605,9 @@ _EN = _LanguageData(
     time_formats=("", ""),  # unused: English times are read on the 12-hour clock (_say_time_12h)
     twelve_hour_clock=True,
     minute_zero="oh",
+    phone_before=r"\b(?i:call(?:ed|ing|s)?|dial(?:ed|ing|s)?|phone|telephone|tel\.?|mobile|cell|fax|hotline|ring)"
+                 r"\b[\s:]*(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\s+)?",
+    phone_after=r"\s+(?i:call|calls|operator|dispatcher|dispatch|emergency|hotline|line)\b",
     ordinal_suffixes={"st": ("m", "n"), "nd": ("m", "n"), "rd": ("m", "n"), "th": ("m", "n")},
 )
 
@@ -632,6 +647,7 @@ _DE = _LanguageData(
         "USD": _Money("Dollar|Dollar", "Cent|Cent"), "EUR": _Money("Euro|Euro", "Cent|Cent"),
         "GBP": _Money("Pfund|Pfund", "Penny|Pence"), "JPY": _Money("Yen|Yen"), "CNY": _Money("Yuan|Yuan"),
         "KRW": _Money("Won|Won"), "RUB": _Money("Rubel|Rubel", "Kopeke|Kopeken", minor_gender="f"),
+        "BRL": _Money("Real|Reais", "Centavo|Centavos"),
     },
     money_joiner="und",
     scales={"Million": "Million|Millionen", "Millionen": "Million|Millionen", "Mio.": "Million|Millionen",
@@ -698,6 +714,7 @@ _FR = _LanguageData(
         "USD": _Money("dollar|dollars", "cent|cents"), "EUR": _Money("euro|euros", "centime|centimes"),
         "GBP": _Money("livre|livres", "penny|pence", gender="f"), "JPY": _Money("yen|yens"),
         "CNY": _Money("yuan|yuans"), "KRW": _Money("won|wons"), "RUB": _Money("rouble|roubles", "kopeck|kopecks"),
+        "BRL": _Money("réal|réaux", "centavo|centavos"),
     },
     money_joiner="et",
     scale_link="de",
@@ -754,6 +771,7 @@ _ES = _LanguageData(
         "USD": _Money("dólar|dólares", "centavo|centavos"), "EUR": _Money("euro|euros", "céntimo|céntimos"),
         "GBP": _Money("libra|libras", "penique|peniques", gender="f"), "JPY": _Money("yen|yenes"),
         "CNY": _Money("yuan|yuanes"), "KRW": _Money("won|wones"), "RUB": _Money("rublo|rublos", "kópek|kópeks"),
+        "BRL": _Money("real|reales", "centavo|centavos"),
     },
     money_joiner="con",
     scale_link="de",
@@ -777,11 +795,47 @@ _ES = _LanguageData(
 )
 
 
+# Italian: num2words leaves off the accent of a final "tre" in compounds ("centoventitre"); "2°" is often the
+# ordinal indicator typed as a degree sign ("al 2° piano").
+_IT_FINAL_TRE = re.compile(r"(?<=\w)tre\b")
+# Articles and articulated prepositions before an ordinal, and their gender.
+_IT_ARTICLES = {"il": "m", "lo": "m", "la": "f", "un": "m", "una": "f", "al": "m", "allo": "m", "alla": "f",
+                "del": "m", "dello": "m", "della": "f", "nel": "m", "nello": "m", "nella": "f", "dal": "m",
+                "dallo": "m", "dalla": "f", "sul": "m", "sullo": "m", "sulla": "f"}
+# Words after which "30°" stays a measurement: prepositions, conjunctions, directions.
+_IT_AFTER_DEGREES = frozenset({"a", "ad", "al", "all", "alla", "con", "da", "di", "del", "della", "e", "ed", "fra",
+                               "in", "nel", "o", "per", "su", "sopra", "sotto", "tra", "verso", "circa", "nord", "sud",
+                               "est", "ovest", "gradi"})
+_IT_DEGREE_ORDINAL = re.compile(rf"(?:\b(?P<article>{'|'.join(_IT_ARTICLES)})\s+)?(?<![\d.,])(?P<num>\d{{1,3}})°"
+                                r"(?=\s+(?P<next>[a-zà-ù]+))")
+
+
+def _italian_cardinal(n: int, lang: _LanguageData) -> str:
+    """num2words' Italian with the accent on a compound's final "tre": centoventitré, duemilaventitré."""
+    return _IT_FINAL_TRE.sub("tré", num2words(n, lang="it"))
+
+
+def _speak_italian_degree_ordinals(text: str, lang: _LanguageData) -> str:
+    """"2°" before a noun, or after an article, as an ordinal in the article's gender: al secondo piano, la seconda
+    volta; before a preposition ("30° all'ombra") it stays degrees for the unit rule."""
+
+    def speak(match: re.Match[str]) -> str:
+        article = match["article"]
+        if not article and match["next"] in _IT_AFTER_DEGREES:
+            return match.group(0)
+        ordinal = _say_ordinal(int(match["num"]), lang, _IT_ARTICLES.get(article or "", "m"))
+        return f"{article} {ordinal}" if article else ordinal
+
+    return _sub_each_match(_IT_DEGREE_ORDINAL, speak, text)
+
+
 _IT = _LanguageData(
     code="it",
     name="italian",
     script="latin",
     design_script="Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
+    cardinal=_italian_cardinal,
+    own_rules=(_speak_italian_degree_ordinals,),
     point_word="virgola",
     dot_word="punto",
     fraction_style="number",
@@ -805,6 +859,7 @@ _IT = _LanguageData(
         "USD": _Money("dollaro|dollari", "centesimo|centesimi"), "EUR": _Money("euro|euro", "centesimo|centesimi"),
         "GBP": _Money("sterlina|sterline", "penny|pence", gender="f"), "JPY": _Money("yen|yen"),
         "CNY": _Money("yuan|yuan"), "KRW": _Money("won|won"), "RUB": _Money("rublo|rubli", "copeco|copechi"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="e",
     scale_link="di",
@@ -817,7 +872,7 @@ _IT = _LanguageData(
         _Abbr(r"n\.(?=\s*\d)", "numero"),
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
-    textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
+    textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})[º°]?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
     first_day="primo",
     time_formats=("{h} e {m}", "{h}"),
     hour_gender="f",
@@ -855,6 +910,7 @@ _PT = _LanguageData(
         "USD": _Money("dólar|dólares", "centavo|centavos"), "EUR": _Money("euro|euros", "cêntimo|cêntimos"),
         "GBP": _Money("libra|libras", "pêni|pence", gender="f"), "JPY": _Money("iene|ienes"),
         "CNY": _Money("yuan|yuans"), "KRW": _Money("won|wons"), "RUB": _Money("rublo|rublos", "copeque|copeques"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="e",
     scale_link="de",
@@ -868,6 +924,7 @@ _PT = _LanguageData(
     date_formats=("{day} de {month} de {year}", "{day} de {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
     first_day="primeiro",
+    time_patterns=(_CLOCK_24H, r"(?P<h>[01]?\d|2[0-3])h(?P<m>[0-5]\d)(?:min\b)?"),   # 14:30, 14h30
     time_formats=("{h} e {m}", "{h} {H}"),
     hour_gender="f",
     ordinal_separator=r"\.?",
@@ -927,6 +984,67 @@ def _russian_decimal(number: _WrittenNumber, lang: _LanguageData) -> str | None:
     return _say_integer(int(number.integer), lang, "f") + words[words.index(" цел"):]
 
 
+# The case of the ordinal day of a date, by the word before it: nominative with none ("15 марта") and after words
+# that name a day ("сегодня 15 марта"), genitive after any other word ("встреча 15 марта", "до 15 марта"), or the
+# case a preposition asks for ("к 1 мая").
+_RU_DAY_CASES = {"": "n", "сегодня": "n", "завтра": "n", "вчера": "n", "послезавтра": "n", "позавчера": "n",
+                 "это": "n", "был": "n", "была": "n", "было": "n", "будет": "n", "к": "d", "ко": "d", "по": "a",
+                 "на": "a", "через": "a", "про": "a", "за": "a", "перед": "i", "между": "i", "о": "p", "об": "p",
+                 "при": "p"}
+
+# pymorphy3's cases and genders -> num2words'.
+_RU_CASES = {"nomn": "n", "gent": "g", "gen2": "g", "datv": "d", "accs": "a", "acc2": "a", "ablt": "i", "loct": "p",
+             "loc2": "p", "voct": "n"}
+_RU_GENDERS = {"masc": "m", "femn": "f", "neut": "n"}
+# Prepositions that put a number in the genitive where its noun looks as after a bare number ("около 5 книг").
+_RU_GENITIVE_PREPOSITIONS = frozenset({"без", "для", "до", "из", "изо", "от", "ото", "около", "после", "у", "с",
+                                       "со", "кроме", "вокруг", "против", "среди", "вроде"})
+_RU_NEXT_WORDS = re.compile(r"\s+([а-яё]+)(?:\s+([а-яё]+))?", re.IGNORECASE)
+
+
+@functools.cache
+def _russian_morphology() -> Any:
+    """pymorphy3's analyzer with its Russian dictionaries (0.3 s and ~20 MB, on first use); None without it."""
+    try:
+        import pymorphy3
+    except ImportError:
+        logger.warning("pymorphy3 is not installed: Russian numbers are read without agreeing with their nouns")
+        return None
+    return pymorphy3.MorphAnalyzer()
+
+
+def _russian_agreeing_number(n: int, match: re.Match[str], lang: _LanguageData) -> str | None:
+    """A whole number in the gender and case of the noun after it (две книги, одну книгу, о двух книгах, с пятью
+    друзьями), from pymorphy3's analysis of the next word or two; None when no noun follows."""
+    words = _RU_NEXT_WORDS.match(match.string, match.end())
+    morphology = _russian_morphology()
+    if words is None or morphology is None:
+        return None
+    for word in filter(None, words.groups()):  # the noun, or an adjective and then the noun ("2 новые книги")
+        parses = morphology.parse(word)
+        tag = parses[0].tag
+        if tag.POS not in ("ADJF", "PRTF") or {"Apro", "Anum"} & tag.grammemes:   # not "один", "пятнадцатого"
+            break
+    nouns = [parse.tag for parse in parses if parse.tag.POS == "NOUN"]
+    if parses[0].tag.POS != "NOUN":
+        return None
+    one = n % 10 == 1 and n % 100 != 11  # 1, 21, 101 agree in number and case with a singular noun
+    if one:  # a form that is nominative or accusative ("ночь") is taken as nominative
+        singular = [tag for tag in nouns if tag.number == "sing"] or nouns
+        tag = next((tag for tag in singular if tag.case == "nomn"), singular[0])
+    else:
+        tag = nouns[0]
+    case = _RU_CASES.get(tag.case, "n")
+    if not one and case in ("n", "a", "g"):  # "2 книги", "5 книг": the noun's form comes from the number itself
+        case = "g" if _preceding_word(match) in _RU_GENITIVE_PREPOSITIONS else "n"
+    # Only the last three digits take the noun's gender: num2words would also give it to "миллион" (одна миллион).
+    high, low = n - n % 1000, n % 1000
+    if not low:
+        return num2words(n, lang="ru", case=case)
+    words = num2words(low, lang="ru", case=case, gender=_RU_GENDERS.get(tag.gender, "m"), animate="anim" in tag)
+    return f"{num2words(high, lang='ru', case=case)} {words}" if high else words
+
+
 # Years with their noun: "1999 г." / "в 1999 году" (case and noun).
 _RU_YEAR = re.compile(r"(?<!\d)(?P<year>\d{3,4})\s*(?P<noun>году\b|года\b|год\b|г\.)")
 _RU_YEAR_NOUNS = {"году": ("p", "году"), "года": ("g", "года"), "год": ("n", "год")}
@@ -953,8 +1071,9 @@ _RU = _LanguageData(
     design_script="Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
     decimal=_russian_decimal,
     noun_form=_russian_noun_form,
+    agreeing_number=_russian_agreeing_number,
     ordinal=_russian_ordinal,
-    date_rules=(_speak_russian_years,),
+    own_rules=(_speak_russian_years,),
     point_word="запятая",
     dot_word="точка",
     signs={"-": "минус", "+": "плюс", "±": "плюс-минус"},
@@ -969,6 +1088,7 @@ _RU = _LanguageData(
         "JPY": _Money("иена|иены|иен", gender="f"), "CNY": _Money("юань|юаня|юаней"),
         "KRW": _Money("вона|воны|вон", gender="f"),
         "RUB": _Money("рубль|рубля|рублей", "копейка|копейки|копеек", minor_gender="f"),
+        "BRL": _Money("реал|реала|реалов", "сентаво|сентаво|сентаво"),
     },
     scales={"тыс.": "тысяча|тысячи|тысяч", "тысяча": "тысяча|тысячи|тысяч", "тысячи": "тысяча|тысячи|тысяч",
             "тысяч": "тысяча|тысячи|тысяч", "млн": "миллион|миллиона|миллионов",
@@ -987,6 +1107,8 @@ _RU = _LanguageData(
         r"(?<!\d)(?P<day>\d{{1,2}})\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}})(?:\s*(?:года\b|г\.))?)?(?!\d)",
     ),
     day_style="ordinal",
+    day_cases=_RU_DAY_CASES,
+    day_case="g",
     year_style="ordinal_genitive",
     time_formats=("{h} {m}", "{h} ноль-ноль"),
     minute_zero="ноль",
@@ -1039,7 +1161,7 @@ _ZH = _LanguageData(
     cardinal=_chinese_cardinal,
     decimal=_chinese_decimal,
     currency_symbols=_CURRENCY_SYMBOLS | {"¥": "CNY", "￥": "CNY"},
-    date_rules=(_speak_chinese_years,),
+    own_rules=(_speak_chinese_years,),
     space="",
     decimal_mark=".",
     point_word="点",
@@ -1055,7 +1177,7 @@ _ZH = _LanguageData(
     unit_genders={"%": "-"},
     currencies={
         "USD": _Money("美元"), "EUR": _Money("欧元"), "GBP": _Money("英镑"), "JPY": _Money("日元"),
-        "CNY": _Money("元"), "KRW": _Money("韩元"), "RUB": _Money("卢布"),
+        "CNY": _Money("元"), "KRW": _Money("韩元"), "RUB": _Money("卢布"), "BRL": _Money("雷亚尔"),
     },
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
     day_first=False,
@@ -1063,6 +1185,10 @@ _ZH = _LanguageData(
     year_style="digits",
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}点{m}分", "{h}点"),
+    phone_before=r"(?:拨打|拨|打|致电|呼叫|报警|电话|手机|热线|号码|传真|联系)[\s:：是为]*",
+    phone_after=r"\s*(?:报警|急救|火警|求助|电话|热线)",
+    phone_digits={"1": "幺", "+": "加"},
+    phone_pause="，",
     minute_zero="零",
     hour_gender="m",
     number_genders={"m": (("二", "两"),)},
@@ -1090,7 +1216,7 @@ _JA = _LanguageData(
     },
     currencies={
         "USD": _Money("ドル"), "EUR": _Money("ユーロ"), "GBP": _Money("ポンド"), "JPY": _Money("円"),
-        "CNY": _Money("元"), "KRW": _Money("ウォン"), "RUB": _Money("ルーブル"),
+        "CNY": _Money("元"), "KRW": _Money("ウォン"), "RUB": _Money("ルーブル"), "BRL": _Money("レアル"),
     },
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
     day_first=False,
@@ -1129,7 +1255,7 @@ _KO = _LanguageData(
     name="korean",
     script="hangul",
     design_script="안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
-    date_rules=(_speak_korean_months,),
+    own_rules=(_speak_korean_months,),
     decimal_mark=".",
     point_word="점",
     signs={"-": "마이너스", "+": "플러스", "±": "플러스마이너스"},
@@ -1145,7 +1271,7 @@ _KO = _LanguageData(
     unit_genders={"h": "native"} | {counter: "native" for counter in _KO_COUNTERS},
     currencies={
         "USD": _Money("달러"), "EUR": _Money("유로"), "GBP": _Money("파운드"), "JPY": _Money("엔"),
-        "CNY": _Money("위안"), "KRW": _Money("원"), "RUB": _Money("루블"),
+        "CNY": _Money("위안"), "KRW": _Money("원"), "RUB": _Money("루블"), "BRL": _Money("헤알"),
     },
     date_formats=("{year}년 {month}월 {day}일", "{month}월 {day}일"),
     day_first=False,
@@ -1165,7 +1291,7 @@ _LANGUAGE_DATA: dict[str, _LanguageData] = {
 }
 
 # Unit symbols written differently from the table keys, for every language.
-_UNIT_ALIASES = {"L": "l", "mL": "ml", "kB": "KB"}
+_UNIT_ALIASES = {"L": "l", "mL": "ml", "kB": "KB", "℃": "°C", "℉": "°F"}
 
 # Scale words that are feminine (eine Million, одна тысяча); the others are masculine.
 _FEMININE_SCALES = frozenset({"Million", "Milliarde", "Billion", "тысяча"})
@@ -1254,10 +1380,15 @@ def _say_fraction(digits: str, lang: _LanguageData) -> str:
     return _say_digits(digits, lang)
 
 
+def _read_by_digits(integer: str) -> bool:
+    """Whether the digits of a whole number are read one by one: too long for a number, or a leading zero."""
+    return len(integer) > _MAX_CARDINAL_DIGITS or (len(integer) > 1 and integer.startswith("0"))
+
+
 def _say_unsigned(number: _WrittenNumber, lang: _LanguageData, gender: str | None) -> str:
     """The absolute value of a number in words."""
     integer, fraction = number.integer, number.fraction
-    by_digits = len(integer) > _MAX_CARDINAL_DIGITS or (len(integer) > 1 and integer.startswith("0"))
+    by_digits = _read_by_digits(integer)
     if by_digits:
         whole = _say_digits(integer, lang)
     elif not fraction:
@@ -1410,7 +1541,8 @@ def _say_month(month: int, lang: _LanguageData) -> str:
 def _say_date(year: int | None, month: int, day: int, lang: _LanguageData, preceding: str = "") -> str:
     """A calendar date read in the language's order and forms (day and month already checked)."""
     if lang.day_style == "ordinal":
-        day_words = _say_ordinal(day, lang, gender="n") + lang.day_endings.get(preceding, lang.day_ending)
+        case = lang.day_cases.get(preceding, lang.day_case)
+        day_words = _say_ordinal(day, lang, "n", case) + lang.day_endings.get(preceding, lang.day_ending)
     else:
         day_words = lang.first_day if day == 1 and lang.first_day else _say_integer(day, lang)
     month_words = _say_month(month, lang)
@@ -1455,10 +1587,15 @@ def _speak_date_match(match: re.Match[str], lang: _LanguageData) -> str:
 
 
 def _speak_dates(text: str, lang: _LanguageData) -> str:
-    """Dates (ISO, numeric, with month names), then the language's own calendar expressions (its date_rules)."""
+    """Dates: ISO, numeric, with month names."""
     for pattern in _date_patterns(lang.code):
         text = _sub_each_match(pattern, lambda match: _speak_date_match(match, lang), text)
-    for rule in lang.date_rules:
+    return text
+
+
+def _speak_own_rules(text: str, lang: _LanguageData) -> str:
+    """The language's own rules (calendar words such as "в 1999 году", 2024年, 6월, the 1990s; "il 2° piano")."""
+    for rule in lang.own_rules:
         text = rule(text, lang)
     return text
 
@@ -1515,6 +1652,57 @@ def _speak_times(text: str, lang: _LanguageData) -> str:
 
     for pattern in _time_patterns(lang.code):
         text = _sub_each_match(pattern, speak, text)
+    return text
+
+
+# A phone number as written: digits in groups ("+1 (555) 123-4567"); one that is a phone number by its shape alone:
+# international (+49 30 1234567) or North American ((555) 123-4567, 555-123-4567).
+_PHONE_DIGITS = r"\+?\(?\d+\)?(?:[ .-]\(?\d+\)?)*"
+_PHONE_SHAPE = re.compile(r"(?<![\w+.,])(?P<num>\+\d{1,3}(?:[ .-]\(?\d{1,8}\)?|\(\d{1,5}\))+"
+                          r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w]|[.,]\d)")
+_MIN_PHONE_DIGITS, _MIN_SHAPED_PHONE_DIGITS = 3, 7   # "call 911"; "+1 5" is no phone number
+
+
+@functools.cache
+def _phone_patterns(code: str) -> tuple[re.Pattern[str], ...]:
+    """Phone numbers by shape, and by the language's words before or after them; never one followed by a unit."""
+    lang = _LANGUAGE_DATA[code]
+    not_a_quantity = rf"(?!\d)(?![.,]\d)(?!\s?(?:{_regex_alternation(lang.units)})(?![{_ALNUM}]))"
+    patterns = [_PHONE_SHAPE]
+    if lang.phone_before:
+        patterns.append(re.compile(rf"(?P<before>{lang.phone_before})(?P<num>{_PHONE_DIGITS}){not_a_quantity}"))
+    if lang.phone_after:
+        patterns.append(re.compile(rf"(?<![\w+.,])(?P<num>{_PHONE_DIGITS}){not_a_quantity}(?={lang.phone_after})"))
+    return tuple(patterns)
+
+
+def _say_phone_number(written: str, lang: _LanguageData) -> str:
+    """Digit by digit, a pause between the written groups: five five five, one two three, four five six seven."""
+    groups = re.findall(r"\+?\d+", written)
+    spoken = (lang.space.join(lang.phone_digits.get(char) or (lang.signs["+"] if char == "+" else
+                                                                _say_integer(int(char), lang)) for char in group)
+              for group in groups)
+    return lang.phone_pause.join(spoken)
+
+
+def _speak_phone_numbers(text: str, lang: _LanguageData) -> str:
+    """Phone numbers and emergency numbers, digit by digit ("call 911", "拨打110", "+44 20 7946 0958")."""
+
+    def speak(match: re.Match[str], least: int) -> str:
+        written = match["num"]
+        if sum(char.isdigit() for char in written) < least:
+            return match.group(0)
+        return (match.groupdict().get("before") or "") + _say_phone_number(written, lang)
+
+    def speak_shaped(match: re.Match[str]) -> str:
+        if re.fullmatch(_number_regex(lang.code), match["num"].lstrip("+")):   # "+2 000 000" in French
+            return match.group(0)
+        return speak(match, _MIN_SHAPED_PHONE_DIGITS)
+
+    shape, *context = _phone_patterns(lang.code)
+    text = _sub_each_match(shape, speak_shaped, text)
+    for pattern in context:
+        text = _sub_each_match(pattern, lambda match: speak(match, _MIN_PHONE_DIGITS), text)
     return text
 
 
@@ -1670,16 +1858,27 @@ def _plain_number_pattern(code: str) -> re.Pattern[str]:
 
 
 def _speak_numbers(text: str, lang: _LanguageData) -> str:
-    """All remaining standalone numbers as cardinals."""
-    return _sub_each_match(_plain_number_pattern(lang.code),
-                lambda match: _say_number(_parse_number(match["num"], lang, match["sign"]), lang), text)
+    """All remaining standalone numbers as cardinals; whole ones agree with the noun after them where the language
+    has an agreeing_number function."""
+
+    def speak(match: re.Match[str]) -> str:
+        number = _parse_number(match["num"], lang, match["sign"])
+        if lang.agreeing_number and not (number.sign or number.fraction or _read_by_digits(number.integer)):
+            words = lang.agreeing_number(int(number.integer), match, lang)
+            if words is not None:
+                return words
+        return _say_number(number, lang)
+
+    return _sub_each_match(_plain_number_pattern(lang.code), speak, text)
 
 
 _RULES: tuple[Callable[[str, _LanguageData], str], ...] = (
     _speak_symbols,
     _expand_abbreviations,
     _speak_dates,
+    _speak_own_rules,
     _speak_times,
+    _speak_phone_numbers,
     _speak_money,
     _speak_scaled_numbers,
     _speak_ordinals,

@@ -755,6 +755,16 @@ NORMALIZATION_CASES = [
     # whitespace
     ("en", "  too   many\t spaces  ", "too many spaces"),
     ("en", "para one\n\n\n\npara two", "para one\n\npara two"),
+    # English: R$, ℃, phone and emergency numbers digit by digit
+    ("en", "R$ 10", "ten reais"),
+    ("en", "25℃", "twenty-five degrees Celsius"),
+    ("en", "Call 911 now", "Call nine one one now"),
+    ("en", "dial 999", "dial nine nine nine"),
+    ("en", "a 911 call", "a nine one one call"),
+    ("en", "Call (555) 123-4567.", "Call five five five, one two three, four five six seven."),
+    ("en", "555-123-4567", "five five five, one two three, four five six seven"),
+    ("en", "+1 555 123 4567", "plus one, five five five, one two three, four five six seven"),
+    ("en", "call 0800 123 456", "call zero eight zero zero, one two three, four five six"),
     # German
     ("de", "1.234.567,5", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig Komma fünf"),
     ("de", "1 234 567", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig"),
@@ -865,6 +875,15 @@ NORMALIZATION_CASES = [
     ("it", "Sig. Rossi e Sig.ra Bianchi", "signor Rossi e signora Bianchi"),
     ("it", "Dott. Verdi e Dott.ssa Neri", "dottor Verdi e dottoressa Neri"),
     ("it", "ecc. ad es. questo", "eccetera ad esempio questo"),
+    # Italian: 2° as an ordinal, the accent of a final -tré
+    ("it", "al 2° piano", "al secondo piano"),
+    ("it", "2° piano", "secondo piano"),
+    ("it", "la 2° volta", "la seconda volta"),
+    ("it", "30° all'ombra", "trenta gradi all'ombra"),
+    ("it", "1° maggio", "primo maggio"),
+    ("it", "123", "centoventitré"),
+    ("it", "2023 persone", "duemilaventitré persone"),
+    ("it", "23.000", "ventitremila"),
     # Portuguese
     ("pt", "1.234.567,5", "um milhão duzentos e trinta e quatro mil quinhentos e sessenta e sete vírgula cinco"),
     ("pt", "3,14", "três vírgula catorze"),
@@ -881,6 +900,12 @@ NORMALIZATION_CASES = [
     ("pt", "à 1:00", "à uma hora"),
     ("pt", "Sr. Silva e Sra. Costa", "senhor Silva e senhora Costa"),
     ("pt", "Dr. Lima, etc. p. ex. isto", "doutor Lima, et cetera por exemplo isto"),
+    # Portuguese: Brazilian real, 14h30
+    ("pt", "R$ 29,90", "vinte e nove reais e noventa centavos"),
+    ("pt", "R$ 1,00", "um real"),
+    ("pt", "R$1.500", "mil e quinhentos reais"),
+    ("pt", "às 14h30", "às catorze e trinta"),
+    ("pt", "9h05", "nove e cinco"),
     # Russian
     ("ru", "1 234 567", "один миллион двести тридцать четыре тысячи пятьсот шестьдесят семь"),
     ("ru", "3,14", "три целых четырнадцать сотых"),
@@ -918,6 +943,21 @@ NORMALIZATION_CASES = [
     ("ru", "т.е. и т.к.", "то есть и так как"),
     ("ru", "яблоки и т.д.", "яблоки и так далее."),
     ("ru", "и т.п. Потом", "и тому подобное. Потом"),
+    # Russian: numbers agree with their noun (pymorphy3); a date after a word is genitive
+    ("ru", "2 книги", "две книги"),
+    ("ru", "1 книга", "одна книга"),
+    ("ru", "купил 1 книгу", "купил одну книгу"),
+    ("ru", "о 2 книгах", "о двух книгах"),
+    ("ru", "с 5 друзьями", "с пятью друзьями"),
+    ("ru", "около 5 книг", "около пяти книг"),
+    ("ru", "21 ночь", "двадцать одна ночь"),
+    ("ru", "2 окна", "два окна"),
+    ("ru", "2 новые книги", "две новые книги"),
+    ("ru", "5 книг", "пять книг"),
+    ("ru", "Встреча 15 марта", "Встреча пятнадцатого марта"),
+    ("ru", "до 15.03.2024", "до пятнадцатого марта две тысячи двадцать четвёртого года"),
+    ("ru", "к 1 мая", "к первому мая"),
+    ("ru", "Сегодня 15 марта", "Сегодня пятнадцатое марта"),
     # Chinese
     ("zh", "1,234,567.5", "一百二十三万四千五百六十七点五"),
     ("zh", "3.05", "三点零五"),
@@ -934,6 +974,14 @@ NORMALIZATION_CASES = [
     ("zh", "2:00", "两点"),
     ("zh", "12:05", "十二点零五分"),
     ("zh", "第3章", "第三章"),
+    # Chinese: ℃, phone and emergency numbers digit by digit (1 is 幺)
+    ("zh", "今天25℃", "今天二十五摄氏度"),
+    ("zh", "请拨打110", "请拨打幺幺零"),
+    ("zh", "打120", "打幺二零"),
+    ("zh", "110报警", "幺幺零报警"),
+    ("zh", "我的电话是13800138000", "我的电话是幺三八零零幺三八零零零"),
+    ("zh", "+86 138 0013 8000", "加八六，幺三八，零零幺三，八零零零"),
+    ("zh", "打100个电话", "打一百个电话"),
     # Japanese
     ("ja", "1,234,567円", "百二十三万四千五百六十七円"),
     ("ja", "3.14", "三点一四"),
@@ -1008,6 +1056,22 @@ def test_a_failing_rule_is_logged_by_name_and_its_text_kept(monkeypatch) -> None
         server.logger.remove(sink)
     assert any("text rule speak_money failed (RuntimeError: boom)" in line for line in lines), lines
     assert any("text rule broken failed (RuntimeError: boom)" in line for line in lines), lines
+
+
+def test_russian_numbers_are_still_read_without_pymorphy3() -> None:
+    """Where pymorphy3 is not installed (the GPU benchmark machine), Russian numbers are read without agreement."""
+    script = ("import sys\n"
+              "class Block:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'pymorphy3':\n"
+              "            raise ImportError('not installed: ' + name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "import server\n"
+              "print(server.normalize_text('2 книги и 5 км', 'ru'))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "два книги и пять километров"
+    assert "pymorphy3 is not installed" in out.stderr
 
 
 def test_unknown_language_returns_text_unchanged() -> None:
