@@ -1146,11 +1146,36 @@ def _chinese_decimal(number: _WrittenNumber, lang: _LanguageData) -> str:
 
 
 _ZH_YEAR = re.compile(r"(?<!\d)(?P<year>\d{4})\s*年")
+# A range "3-5天", "20%-30%", "2020-2021年" (short numbers: "010-12345678" is a phone number).
+_ZH_RANGE = re.compile(r"(?<![\d.])(?P<a>\d{1,4}(?:\.\d+)?%?)\s?[-~～–—]\s?(?P<b>\d{1,4}(?:\.\d+)?%?)(?![\d.])")
+_ZH_FRACTION = re.compile(r"(?<![\d./])(?P<num>\d+)/(?P<den>\d+)(?![\d/])")
+# A score or ratio "3:2" (a clock time has two digits of minutes).
+_ZH_SCORE = re.compile(r"(?<![\d:：])(?P<a>\d+)[:：](?P<b>\d)(?![\d:：])")
+
+
+def _speak_chinese_ranges(text: str, lang: _LanguageData) -> str:
+    """Ranges with 到: 3-5天 -> 3到5天; a range of years before 年 reads both years digit by digit."""
+
+    def speak(match: re.Match[str]) -> str:
+        a, b = match["a"], match["b"]
+        if len(a) == len(b) == 4 and match.string.startswith("年", match.end()):
+            return f"{_say_digits(a, lang)}到{_say_digits(b, lang)}"
+        return f"{a}到{b}"
+
+    return _sub_each_match(_ZH_RANGE, speak, text)
 
 
 def _speak_chinese_years(text: str, lang: _LanguageData) -> str:
     """Years before 年 are read digit by digit: 2024年 -> 二零二四年."""
     return _sub_each_match(_ZH_YEAR, lambda match: _say_digits(match["year"], lang) + "年", text)
+
+
+def _speak_chinese_fractions_and_scores(text: str, lang: _LanguageData) -> str:
+    """Fractions and scores: 1/2 -> 二分之一, 3:2 -> 三比二."""
+    text = _sub_each_match(_ZH_FRACTION, lambda match: f"{_say_integer(int(match['den']), lang)}分之"
+                                                        f"{_say_integer(int(match['num']), lang)}", text)
+    return _sub_each_match(_ZH_SCORE, lambda match: f"{_say_integer(int(match['a']), lang)}比"
+                                                     f"{_say_integer(int(match['b']), lang)}", text)
 
 
 _ZH = _LanguageData(
@@ -1161,7 +1186,7 @@ _ZH = _LanguageData(
     cardinal=_chinese_cardinal,
     decimal=_chinese_decimal,
     currency_symbols=_CURRENCY_SYMBOLS | {"¥": "CNY", "￥": "CNY"},
-    own_rules=(_speak_chinese_years,),
+    own_rules=(_speak_chinese_ranges, _speak_chinese_years, _speak_chinese_fractions_and_scores),
     space="",
     decimal_mark=".",
     point_word="点",
@@ -1185,7 +1210,7 @@ _ZH = _LanguageData(
     year_style="digits",
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}点{m}分", "{h}点"),
-    phone_before=r"(?:拨打|拨|打|致电|呼叫|报警|电话|手机|热线|号码|传真|联系)[\s:：是为]*",
+    phone_before=r"(?:拨打|拨|打|致电|呼叫|报警|电话号码|电话|手机号码|手机号|手机|热线|号码|传真|联系)[\s:：是为]*",
     phone_after=r"\s*(?:报警|急救|火警|求助|电话|热线)",
     phone_digits={"1": "幺", "+": "加"},
     phone_pause="，",
