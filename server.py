@@ -94,6 +94,13 @@ def _parse_cpu_list(name: str, spec: str) -> frozenset[int]:
     return frozenset(cores)
 
 
+def _parse_language(name: str, raw: str) -> str:
+    """'auto', or a language the models speak, by name, ISO code or BCP 47 tag (the text section reads it)."""
+    if raw.lower() != "auto" and language_of(raw, set(LANGUAGES.values()) | set(DIALECTS)) is None:
+        raise SettingsError(f"{name} must be auto or one of {', '.join(LANGUAGES)} (or a language name), got {raw!r}")
+    return raw
+
+
 def _parse_setting(f: Any, raw: str) -> Any:
     """One variable's text -> its value, by the field's type and rules."""
     name, rules, kind = f.metadata["env"], f.metadata, type(f.default)
@@ -146,6 +153,7 @@ class Settings:
     max_input_chars: int = setting("MAX_INPUT_CHARS", 4096, lo=1, hi=10**7)
     segment_max_chars: int = setting("SEGMENT_MAX_CHARS", 300, lo=20, hi=10**5)
     text_normalize: bool = setting("TEXT_NORMALIZE", True)
+    default_language: str = setting("DEFAULT_LANGUAGE", "auto", parse=_parse_language)
     default_response_format: str = setting("DEFAULT_RESPONSE_FORMAT", "mp3", choices=tuple(FORMATS))
     default_voice: str = setting("DEFAULT_VOICE", "vivian", parse=lambda _, raw: raw.lower())
     stream_first_chunk_frames: int = setting("STREAM_FIRST_CHUNK_FRAMES", 4, lo=1, hi=1000)
@@ -1964,6 +1972,8 @@ _DETECT_TOP_K = 20
 _NOT_WORD = re.compile(r"[^\w\s]")
 # When fastText's top guess is another language with at least this confidence, the text is "not ours".
 _FOREIGN_MIN_SCORE = 0.5
+# At most this many Han characters and no kana may as well be Japanese (田中, 東京): this likely.
+_FEW_HAN_CHARS, _FEW_HAN_JAPANESE = 6, 0.4
 
 _latin_detector_instance: Any = None
 _latin_detector_lock = threading.Lock()
@@ -1983,48 +1993,69 @@ def _latin_detector() -> Any:
     return _latin_detector_instance
 
 
-def _detect_latin(text: str) -> str | None:
-    """en/de/it/pt/es/fr for Latin-script text by fastText, or None for another language."""
+def _latin_scores(text: str) -> dict[str, float]:
+    """How likely Latin-script text is each of en/de/it/pt/es/fr (fastText's probabilities); empty when fastText is
+    sure it is another language."""
     # The small model trips over punctuation on very short input ("OK." -> Polish): it votes on the text as written
-    # and on its words alone, and the scores are summed (evaluated on 74 short phrases: never worse than either).
+    # and on its words alone, and the scores are averaged (evaluated on 74 short phrases: never worse than either).
     detector = _latin_detector()
     text = text[:_DETECT_MAX_CHARS]
     votes: dict[str, float] = collections.defaultdict(float)
     for variant in (text, " ".join(_NOT_WORD.sub(" ", text).split())):
         for result in detector.detect(variant, model="lite", k=_DETECT_TOP_K):
             votes[result["lang"]] += result["score"] / 2
-    ranked = sorted(votes, key=votes.__getitem__, reverse=True)
-    ours = [lang for lang in ranked if lang in _LATIN_LANGUAGES]
-    if not ours:
-        return None
-    if ranked[0] in _LATIN_LANGUAGES or votes[ranked[0]] < _FOREIGN_MIN_SCORE:
-        return ours[0]
-    return None
+    top = max(votes, key=votes.__getitem__)
+    if top not in _LATIN_LANGUAGES and votes[top] >= _FOREIGN_MIN_SCORE:
+        return {}
+    return {lang: votes[lang] for lang in _LATIN_LANGUAGES if votes.get(lang)}
 
 
-def detect_language(text: str) -> str | None:
-    """A supported language's code for `text`, or None if it is another language or unclear."""
+@dataclass(frozen=True)
+class LanguageGuess:
+    """What the detector makes of a text: how likely each supported language is (0-1, only those above 0; empty when
+    none is), and the script most of its letters are in ("latin", "han", ..., "other"; None without letters)."""
+
+    scores: dict[str, float]
+    script: Optional[str]
+
+    @property
+    def best(self) -> Optional[str]:
+        return max(self.scores, key=self.scores.__getitem__) if self.scores else None
+
+
+def guess_language(text: str) -> LanguageGuess:
+    """Scripts decide, except between the Latin-script languages (fastText) and, for a few Han characters without
+    kana (a name, a place: 東京), between Chinese and Japanese."""
     if not isinstance(text, str):
-        return None
+        return LanguageGuess({}, None)
     hangul, kana, han = len(_HANGUL.findall(text)), len(_KANA.findall(text)), len(_HAN.findall(text))
     cyrillic, latin = len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
     other = len(_LETTER.findall(text)) - hangul - kana - han - cyrillic - latin
-    scores = {  # by script; Han text with any kana is Japanese
+    letters = {  # by script; Han text with any kana is Japanese
         "hangul": hangul * _CJK_LETTER_WEIGHT,
         "kana" if kana else "han": (kana + han) * _CJK_LETTER_WEIGHT,
         "cyrillic": cyrillic,
         "latin": latin,
         "other": other,
     }
-    best = max(scores, key=lambda key: scores[key])
-    if scores[best] == 0 or best == "other":
-        return None
-    if best != "latin":
-        return _SCRIPT_LANGUAGE[best]
-    try:
-        return _detect_latin(text)
-    except Exception:
-        return None
+    script = max(letters, key=letters.__getitem__)
+    if letters[script] == 0:
+        return LanguageGuess({}, None)
+    if script == "latin":
+        try:
+            return LanguageGuess(_latin_scores(text), script)
+        except Exception as exc:  # noqa: BLE001 - without fastText the language is unknown, not an error
+            _rule_failed("detect_language", exc)
+            return LanguageGuess({}, script)
+    if script == "han" and han <= _FEW_HAN_CHARS:
+        return LanguageGuess({"zh": 1 - _FEW_HAN_JAPANESE, "ja": _FEW_HAN_JAPANESE}, script)
+    return LanguageGuess({_SCRIPT_LANGUAGE[script]: 1.0} if script in _SCRIPT_LANGUAGE else {}, script)
+
+
+def detect_language(text: str) -> str | None:
+    """A supported language's code for `text` (the detector's best guess, however unsure), or None if it is another
+    language or has no letters."""
+    return guess_language(text).best
 
 
 # ---- text: segmentation
@@ -2203,23 +2234,56 @@ def builtin_voice_names(speakers: Optional[set[str]] = None) -> list[str]:
     return sorted(known) + sorted(a for a, s in OPENAI_VOICES.items() if s in known)
 
 
-def resolve_language(requested: Optional[str], text: str, model_languages: set[str]) -> tuple[str, Optional[str]]:
-    """-> (the model's language name or 'auto', ISO code for text rules or None). Raises ApiError when unknown."""
-    if requested is None or requested.strip().lower() in ("", "auto"):
-        iso = detect_language(text)
-        return (LANGUAGES[iso] if iso and LANGUAGES[iso] in model_languages else "auto"), iso
-    key = requested.strip().lower().replace("-", "_")
-    iso_guess = key.split("_")[0]
+# Text whose language the request does not name: a language the request implies (a prior) is taken unless the
+# detector finds the text at least this many times as likely to be in another language ("Hi." with an English voice
+# is English; "Danke!" is German whoever speaks it). With no prior that fits, the detector's guess is taken when it
+# is at least this likely, and below that the model detects the language itself ("auto"): never a confident guess
+# from a word or two. Measured on server_test's SHORT_PHRASES (README, Voices and languages).
+_PRIOR_WEIGHT = 5.0
+_MIN_GUESS = 0.5
+_BCP47 = re.compile(r"[a-z]{2,3}(?:_[a-z0-9]{2,8})*")
+
+
+def language_of(value: Optional[str], model_languages: set[str]) -> Optional[tuple[str, Optional[str]]]:
+    """A language name, ISO code or BCP 47 tag ("german", "de", "de-DE", "sichuan_dialect") -> (the model's name for
+    it, ISO code for the text rules); None for "auto", empty, or a language the model does not speak."""
+    key = (value or "").strip().lower().replace("-", "_")
     if key in model_languages:
         name = key
-    elif iso_guess in LANGUAGES and LANGUAGES[iso_guess] in model_languages and len(key) <= 6:
-        name = LANGUAGES[iso_guess]
+    elif _BCP47.fullmatch(key) and LANGUAGES.get(key.split("_")[0]) in model_languages:
+        name = LANGUAGES[key.split("_")[0]]
     else:
-        valid = sorted(model_languages) + sorted(k for k, v in LANGUAGES.items() if v in model_languages)
-        raise ApiError(400, f"unsupported language {requested!r}; use auto or one of: {', '.join(valid)}",
-                       param="language", code="unsupported_language")
-    iso = next((k for k, v in LANGUAGES.items() if v == name), "zh" if name in DIALECTS else None)
-    return name, iso
+        return None
+    return name, next((k for k, v in LANGUAGES.items() if v == name), "zh" if name in DIALECTS else None)
+
+
+def resolve_language(requested: Optional[str], text: str, model_languages: set[str],
+                     priors: Iterable[Optional[str]] = ()) -> tuple[str, Optional[str]]:
+    """-> (the model's language name or 'auto', ISO code for text rules or None).
+
+    A requested language is taken as it is (ApiError when the model does not speak it). Otherwise the text's own
+    language, unless it is unsure: then the first of `priors` (what the request implies, strongest first, each as
+    language_of reads it) that the text may be in, else a likely guess, else 'auto'."""
+    if requested is not None and requested.strip().lower() not in ("", "auto"):
+        language = language_of(requested, model_languages)
+        if language is None:
+            valid = sorted(model_languages) + sorted(k for k, v in LANGUAGES.items() if v in model_languages)
+            raise ApiError(400, f"unsupported language {requested!r}; use auto or one of: {', '.join(valid)}",
+                           param="language", code="unsupported_language")
+        return language
+    guess = guess_language(text)
+    best = guess.best
+    likelihood = guess.scores.get(best, 0.0) if best else 0.0
+    for prior in priors:
+        language = language_of(prior, model_languages)
+        if language is None or language[1] is None:
+            continue
+        prior_likelihood = guess.scores.get(language[1], 0.0)
+        if guess.script is None or (prior_likelihood > 0 and prior_likelihood * _PRIOR_WEIGHT >= likelihood):
+            return language
+    if best is None or likelihood < _MIN_GUESS:
+        return "auto", None
+    return (LANGUAGES[best] if LANGUAGES[best] in model_languages else "auto"), best
 
 
 # ---- voices: custom (cloned) voices, their reference audio, prompts and store
@@ -4142,6 +4206,7 @@ class VoiceChoice:
     model_id: str
     speaker: Optional[str] = None
     prompt: Optional[VoicePrompt] = None
+    language: Optional[str] = None             # a custom voice's stored language (BCP 47), a prior for short text
 
 
 class ClientGone(Exception):
@@ -4267,7 +4332,9 @@ class Server:
         if info.kind == "voice_design" and not instructions:
             raise ApiError(400, f"model {info.model_id!r} designs its voice from 'instructions': describe the voice "
                                 "there", param="instructions", code="missing_required_parameter")
-        language, iso = resolve_language(req.language, req.input, info.model_languages)
+        native = SPEAKERS[voice.speaker].native_language if voice.speaker in SPEAKERS else None
+        language, iso = resolve_language(req.language, req.input, info.model_languages,
+                                         priors=(voice.language, s.default_language, native))
         segments = await run_in_pool(self._prepare_text, req.input, iso)
         if not segments:
             raise ApiError(400, "'input' has nothing to speak after normalization", param="input",
@@ -4299,7 +4366,8 @@ class Server:
         custom = await run_in_pool(self.store.voice, name) if name else None
         if custom is not None:
             clone = await self.clone_model()
-            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]))
+            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]),
+                               language=custom["language"])
         if info.kind == "voice_design" and not by_id:
             return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
         valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self.store.voices)]

@@ -6,6 +6,7 @@ resampling). Nothing here needs a running server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gc
 import hashlib
@@ -1160,6 +1161,107 @@ def test_detect_language(text: str, expected: str) -> None:
 ])
 def test_detect_language_other_or_unclear(text: str) -> None:
     assert detect_language(text) is None
+
+
+# ---- language for short text: what a voice agent says all day, per language (greetings, yes/no, thanks, numbers in
+# words, names). Some are the same in two languages ("No.", "Claro.", "Por favor."): only a prior can tell those.
+SHORT_PHRASES = {
+    "en": ["Hi.", "Hello.", "OK.", "Yes.", "No.", "Thanks!", "Bye.", "Good morning.", "Sure.", "Forty-two.",
+           "John Smith.", "See you.", "Please.", "Of course.", "Sorry?"],
+    "de": ["Hallo.", "Ja.", "Nein.", "Danke!", "Tschüss.", "Guten Morgen.", "Bitte.", "Genau.", "Zweiundvierzig.",
+           "Jürgen Müller.", "Bis bald.", "Natürlich.", "Entschuldigung.", "Na klar.", "Servus!"],
+    "fr": ["Bonjour.", "Salut !", "Oui.", "Non.", "Merci !", "Au revoir.", "D'accord.", "Bonsoir.", "Quarante-deux.",
+           "François Dupont.", "À bientôt.", "Bien sûr.", "S'il vous plaît.", "Pardon ?", "Enchanté."],
+    "es": ["Hola.", "Sí.", "No.", "¡Gracias!", "Adiós.", "Buenos días.", "Vale.", "Claro.", "Cuarenta y dos.",
+           "José García.", "Hasta luego.", "Por favor.", "De nada.", "¿Qué tal?", "Perdón."],
+    "it": ["Ciao.", "Sì.", "No.", "Grazie!", "Arrivederci.", "Buongiorno.", "Va bene.", "Certo.", "Quarantadue.",
+           "Giuseppe Rossi.", "A presto.", "Per favore.", "Prego.", "Scusi.", "Buonasera."],
+    "pt": ["Olá.", "Sim.", "Não.", "Obrigado!", "Tchau.", "Bom dia.", "Tudo bem?", "Claro.", "Quarenta e dois.",
+           "João Silva.", "Até logo.", "Por favor.", "De nada.", "Com licença.", "Obrigada."],
+    "ru": ["Привет.", "Да.", "Нет.", "Спасибо!", "Пока.", "Доброе утро.", "Хорошо.", "Конечно.", "Сорок два.",
+           "Иван Петров.", "До свидания.", "Пожалуйста.", "Ладно.", "Извините.", "Алло?"],
+    "zh": ["你好。", "是。", "不是。", "谢谢！", "再见。", "早上好。", "好的。", "当然。", "四十二。", "王小明。",
+           "没问题。", "请。", "对不起。", "喂？", "嗯。"],
+    "ja": ["こんにちは。", "はい。", "いいえ。", "ありがとう！", "さようなら。", "おはよう。", "大丈夫。", "もちろん。",
+           "四十二。", "田中太郎。", "またね。", "お願いします。", "すみません。", "もしもし？", "東京。"],
+    "ko": ["안녕하세요.", "네.", "아니요.", "감사합니다!", "안녕히 가세요.", "좋은 아침.", "괜찮아요.", "물론이죠.",
+           "마흔둘.", "김민수.", "또 봐요.", "제발.", "죄송합니다.", "여보세요?", "그래요."],
+}
+
+
+def short_phrase_outcomes(prior_for) -> collections.Counter:
+    """How the phrases resolve: 'right', 'auto' (left to the model) or 'wrong', with prior_for(language) as the
+    request's prior (None: no prior)."""
+    outcomes: collections.Counter = collections.Counter()
+    for language, phrases in SHORT_PHRASES.items():
+        for phrase in phrases:
+            prior = prior_for(language)
+            _, iso = server.resolve_language(None, phrase, LANGS, priors=(prior,) if prior else ())
+            outcomes["auto" if iso is None else "right" if iso == language else "wrong"] += 1
+    return outcomes
+
+
+def test_short_text_is_never_a_confident_wrong_guess() -> None:
+    alone = short_phrase_outcomes(lambda language: None)   # 118 right, 30 wrong before priors and thresholds
+    assert alone["wrong"] <= 10 and alone["right"] >= 95, alone
+    assert server.resolve_language(None, "Hi.", LANGS) == ("auto", None)
+    assert server.resolve_language(None, "OK.", LANGS) == ("auto", None)
+
+
+def test_the_voices_language_decides_short_text_it_may_be_in() -> None:
+    own = short_phrase_outcomes(lambda language: language)
+    assert own["wrong"] <= 3 and own["right"] >= 135, own
+    assert server.resolve_language(None, "Hi.", LANGS, priors=("en",)) == ("english", "en")
+    assert server.resolve_language(None, "Ja.", LANGS, priors=("de-DE",)) == ("german", "de")
+    assert server.resolve_language(None, "東京。", LANGS, priors=("ja",)) == ("japanese", "ja")
+    assert server.resolve_language(None, "東京。", LANGS) == ("chinese", "zh")
+    assert server.resolve_language(None, "42.", LANGS, priors=("zh",)) == ("chinese", "zh")   # no letters: the prior
+    assert server.resolve_language(None, "Claro.", LANGS, priors=("pt-BR",)) == ("portuguese", "pt")
+    assert server.resolve_language(None, "Claro.", LANGS, priors=("es",)) == ("spanish", "es")
+    dialect = server.resolve_language(None, "今天天气很好", LANGS, priors=("sichuan_dialect",))
+    assert dialect == ("sichuan_dialect", "zh")
+
+
+def test_a_prior_gives_way_to_what_the_text_clearly_is() -> None:
+    assert server.resolve_language(None, "Danke!", LANGS, priors=("en",)) == ("german", "de")
+    assert server.resolve_language(None, "Bonjour.", LANGS, priors=("en",)) == ("french", "fr")
+    assert server.resolve_language(None, "Hello.", LANGS, priors=("zh",)) == ("auto", None)   # not Chinese script
+    assert server.resolve_language(None, "Hello.", LANGS, priors=("zh", "en")) == ("english", "en")   # the next prior
+    assert server.resolve_language(None, "Привет.", LANGS, priors=("en",)) == ("russian", "ru")
+    text = "The weather is really nice today, let's go for a walk."
+    assert server.resolve_language(None, text, LANGS, priors=("de",)) == ("english", "en")
+
+
+def test_an_explicit_language_wins_and_the_old_call_still_works() -> None:
+    assert server.resolve_language("fr", "Hello.", LANGS, priors=("en",)) == ("french", "fr")
+    assert server.resolve_language(None, "Das Wetter ist heute wirklich schön.", LANGS) == ("german", "de")
+    assert server.resolve_language("auto", "Bonjour tout le monde", LANGS) == ("french", "fr")
+    assert server.resolve_language(None, "12345", LANGS) == ("auto", None)
+    assert server.resolve_language(None, "Γεια σου κόσμε", LANGS, priors=("en",)) == ("auto", None)
+
+
+def test_a_request_plans_its_short_text_in_the_language_its_voice_implies(tiny_dir, tmp_path, monkeypatch) -> None:
+    def plan(voice: str, text: str, **settings) -> SpeechPlan:
+        service = server.Server(Settings(model_id=tiny_dir, data_dir=str(tmp_path), **settings))
+        return asyncio.run(service.plan(SpeechRequest(input=text, voice=voice)))
+
+    assert plan("alloy", "Hi.").language == "english"                      # ryan speaks English
+    assert plan("nova", "Hi.").language == "auto"                          # vivian's Chinese cannot be Latin text
+    assert plan("nova", "Ja.", default_language="de").language == "german"
+    assert plan("alloy", "Ja.", default_language="de").language == "german"    # the setting before the speaker's own
+
+    async def custom_voice(self, voice):
+        return server.VoiceChoice("voice_1", tiny_dir, speaker="ryan", language="pt-BR")
+
+    monkeypatch.setattr(server.Server, "choose_voice", custom_voice)
+    assert plan("voice_1", "Claro.", default_language="es").language == "portuguese"
+
+
+def test_default_language_is_a_setting_checked_at_start() -> None:
+    assert load_settings({}).default_language == "auto"
+    assert load_settings({"DEFAULT_LANGUAGE": "de-DE"}).default_language == "de-DE"
+    with pytest.raises(SettingsError, match="DEFAULT_LANGUAGE"):
+        load_settings({"DEFAULT_LANGUAGE": "klingon"})
 
 
 def test_detect_language_mixed_text_uses_majority() -> None:
