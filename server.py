@@ -469,7 +469,7 @@ class _LanguageData:
     cardinal: Callable[[int, _LanguageData], str] = _num2words_cardinal
     decimal: Optional[Callable[[_WrittenNumber, _LanguageData], Optional[str]]] = None  # own decimal reading, or None
     noun_form: Callable[[_WrittenNumber], int] = _singular_for_one  # index of the form in "a|b(|c)"
-    # a whole number read in agreement with the words after it (None: the plain cardinal), or None for no agreement
+    # (n, its match, lang) -> a whole number that agrees with the noun after it, or None (then the plain cardinal)
     agreeing_number: Optional[Callable[[int, re.Match[str], _LanguageData], Optional[str]]] = None
     # units, money, scale words, abbreviations
     unit_genders: dict[str, str] = field(default_factory=dict)  # symbol -> grammatical gender when not "m"
@@ -482,7 +482,6 @@ class _LanguageData:
     abbreviations: tuple[_Abbr, ...] = ()
     # dates and times
     textual_dates: tuple[str, ...] = ()  # regexes with day/month/year groups; "{M}" is the month alternation
-    own_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()  # rules of its own, run after the dates
     day_first: bool = True  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
     day_style: str = "cardinal"  # "ordinal" | "cardinal"
     day_endings: dict[str, str] = field(default_factory=dict)  # word before a date -> ending of its ordinal day
@@ -511,6 +510,8 @@ class _LanguageData:
     ordinal_suffixes: dict[str, tuple[str, str]] = field(default_factory=dict)  # suffix -> (gender, case)
     # gender -> (regex, replacement) on ordinal words ("primo" -> "prima")
     ordinal_inflections: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # rules only this language has, run right after the dates (calendar words, ranges, "2°" as an ordinal)
+    own_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()
     # speaking rate
     latin_chars_per_second: float = 15.0
 
@@ -1347,7 +1348,7 @@ _PROTECTED = re.compile(
 )
 
 
-# ---- spoken numbers
+# ---- text: spoken numbers
 
 
 def _language_data(code: str) -> _LanguageData | None:
@@ -1466,7 +1467,7 @@ def _say_year(year: int, lang: _LanguageData) -> str:
     return _say_integer(year, lang)
 
 
-# ---- regex building blocks
+# ---- text: regex building blocks
 
 
 @functools.cache
@@ -1488,18 +1489,18 @@ def _regex_alternation(words: Iterable[str]) -> str:
     return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
-_failed_rules: set[tuple[str, str]] = set()
+_failed_rules: set[tuple[str, str]] = set()   # (rule, exception type) already logged as warnings
 
 
 def _rule_failed(rule: str, exc: Exception) -> None:
-    """Log a text rule that raised (its text is left as written): a warning the first time for each rule and error,
-    then at debug level, so a missing library cannot flood the log."""
+    """Log a text rule that raised (its text is left as written): a warning with the traceback the first time for
+    each rule and kind of error, then at debug level, so a missing library cannot flood the log."""
     name = rule.lstrip("_")
-    key = (name, f"{type(exc).__name__}: {exc}")
+    key = (name, type(exc).__name__)
     level = "DEBUG" if key in _failed_rules else "WARNING"
     _failed_rules.add(key)
     logger.opt(exception=exc if level == "WARNING" else None).log(
-        level, "text rule {} failed ({}); that text is left as written", name, key[1])
+        level, "text rule {} failed ({}: {}); that text is left as written", name, key[1], exc)
 
 
 def _sub_each_match(pattern: re.Pattern[str], speak: Callable[[re.Match[str]], str], text: str) -> str:
@@ -1521,7 +1522,7 @@ def _preceding_word(match: re.Match[str]) -> str:
     return before.group(1).lower() if before else ""
 
 
-# ---- rules, applied in order
+# ---- text: the rules, applied in order
 
 
 _AMPERSAND = re.compile(r"\s*&\s*")
