@@ -504,6 +504,7 @@ class _LanguageData:
     phone_after: str | None = None
     phone_digits: dict[str, str] = field(default_factory=dict)
     phone_pause: str = ", "
+    phone_pairs: bool = False  # two-digit groups read as numbers (French: zéro un, vingt-trois)
     # ordinals
     ordinal: Callable[[int, _LanguageData, str, str], str] = _num2words_ordinal  # (n, lang, gender, case)
     ordinal_separator: str = ""  # regex between the digits and the ordinal suffix
@@ -614,8 +615,8 @@ _EN = _LanguageData(
     time_formats=("", ""),  # unused: English times are read on the 12-hour clock (_say_time_12h)
     twelve_hour_clock=True,
     minute_zero="oh",
-    phone_before=r"\b(?i:call(?:ed|ing|s)?|dial(?:ed|ing|s)?|phone|telephone|tel\.?|mobile|cell|fax|hotline|ring)"
-                 r"\b[\s:]*(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\s+)?",
+    phone_before=r"\b(?i:call(?:ed|ing|s)?|dial(?:ed|ing|s)?|phone|telephone|tel|mobile|cell|fax|hotline|ring)"
+                 r"\b\.?[\s:]*(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\s+)?",
     phone_after=r"\s+(?i:call|calls|operator|dispatcher|dispatch|emergency|hotline|line)\b",
     ordinal_suffixes={"st": ("m", "n"), "nd": ("m", "n"), "rd": ("m", "n"), "th": ("m", "n")},
 )
@@ -682,6 +683,8 @@ _DE = _LanguageData(
         r"(?P<h>[01]?\d|2[0-3])\.(?P<m>[0-5]\d)\s*Uhr\b",
     ),
     time_formats=("{h} Uhr {m}", "{h} Uhr"),
+    phone_before=r"\b(?i:ruf(?:e|en|t)?|wähl(?:e|en|t)?|anrufen|Telefon|Tel|Notruf|Handy|Fax)\b\.?[\s:]*"
+                 r"(?:(?:Sie|du|ihr|die|unter)\s+)*",
     hour_gender="m",
     number_genders={"m": (("eins", "ein"),), "n": (("eins", "ein"),), "f": (("eins", "eine"),)},
     latin_chars_per_second=14.0,
@@ -744,6 +747,9 @@ _FR = _LanguageData(
         r"(?P<h>[01]?\d|2[0-3])\s?h\s?(?P<m>[0-5]\d)(?!\d)",
     ),
     time_formats=("{h} {H} {m}", "{h} {H}"),
+    phone_before=r"\b(?i:appel(?:ez|er|le|les)?|compos(?:ez|er|e)|t[ée]l[ée]phone|t[ée]l|portable|fax)\b\.?[\s:]*"
+                 r"(?:(?:le|au)\s+)?",
+    phone_pairs=True,
     hour_gender="f",
     ordinal_suffixes={"er": ("m", "n"), "re": ("f", "n"), "ère": ("f", "n"), "ème": ("m", "n"),
                       "eme": ("m", "n"), "e": ("m", "n")},
@@ -795,6 +801,8 @@ _ES = _LanguageData(
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
     first_day="primero",
     time_formats=("{h} y {m}", "{h} en punto"),
+    phone_before=r"\b(?i:llam(?:a|e|en|ar)|marc(?:a|ar)|marque|tel[ée]fono|tel|m[óo]vil|celular|fax)\b\.?[\s:]*"
+                 r"(?:al\s+)?",
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n"), "er": ("short", "n")},
@@ -884,6 +892,7 @@ _IT = _LanguageData(
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})[º°]?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
     first_day="primo",
     time_formats=("{h} e {m}", "{h}"),
+    phone_before=r"\b(?i:chiam(?:a|are|ate|i)|telefono|tel|cellulare|fax)\b\.?[\s:]*(?:(?:il|al)\s+)?",
     hour_gender="f",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
     ordinal_inflections={"f": ((r"o\b", "a"),)},
@@ -935,6 +944,7 @@ _PT = _LanguageData(
     first_day="primeiro",
     time_patterns=(_CLOCK_24H, r"(?P<h>[01]?\d|2[0-3])h(?P<m>[0-5]\d)(?:min\b)?"),   # 14:30, 14h30
     time_formats=("{h} e {m}", "{h} {H}"),
+    phone_before=r"\b(?i:lig(?:ue|a|ar|uem)|telefone|tel|celular|fax)\b\.?[\s:]*(?:(?:para|pro)\s+)?(?:o\s+)?",
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
@@ -1120,6 +1130,7 @@ _RU = _LanguageData(
     day_case="g",
     year_style="ordinal_genitive",
     time_formats=("{h} {m}", "{h} ноль-ноль"),
+    phone_before=r"(?i:\b(?:по)?звони(?:те)?|\bнабери(?:те)?|\bтелефон[уа]?|\bтел\.?)[\s:]*(?:(?:по|на)\s+)?",
     minute_zero="ноль",
     ordinal_separator="-",
     ordinal_suffixes={"й": ("m", "n"), "ый": ("m", "n"), "ой": ("m", "n"), "я": ("f", "n"), "ая": ("f", "n"),
@@ -1710,13 +1721,24 @@ def _phone_patterns(code: str) -> tuple[re.Pattern[str], ...]:
     return tuple(patterns)
 
 
+def _say_phone_digit(char: str, lang: _LanguageData) -> str:
+    return lang.phone_digits.get(char) or (lang.signs["+"] if char == "+" else _say_integer(int(char), lang))
+
+
+def _say_phone_group(group: str, lang: _LanguageData) -> str:
+    """One written group ("+44", "020"): digit by digit, or as a number where the language reads pairs (French:
+    plus trente-trois, vingt-trois)."""
+    digits = group.lstrip("+")
+    if lang.phone_pairs and len(digits) == 2 and digits[0] != "0":
+        words = [_say_integer(int(digits), lang)]
+    else:
+        words = [_say_phone_digit(char, lang) for char in digits]
+    return lang.space.join([_say_phone_digit("+", lang)] * (len(group) - len(digits)) + words)
+
+
 def _say_phone_number(written: str, lang: _LanguageData) -> str:
-    """Digit by digit, a pause between the written groups: five five five, one two three, four five six seven."""
-    groups = re.findall(r"\+?\d+", written)
-    spoken = (lang.space.join(lang.phone_digits.get(char) or (lang.signs["+"] if char == "+" else
-                                                                _say_integer(int(char), lang)) for char in group)
-              for group in groups)
-    return lang.phone_pause.join(spoken)
+    """Group by group, a pause between the written groups: five five five, one two three, four five six seven."""
+    return lang.phone_pause.join(_say_phone_group(group, lang) for group in re.findall(r"\+?\d+", written))
 
 
 def _speak_phone_numbers(text: str, lang: _LanguageData) -> str:

@@ -766,6 +766,9 @@ NORMALIZATION_CASES = [
     ("en", "555-123-4567", "five five five, one two three, four five six seven"),
     ("en", "+1 555 123 4567", "plus one, five five five, one two three, four five six seven"),
     ("en", "call 0800 123 456", "call zero eight zero zero, one two three, four five six"),
+    ("en", "Tel. 555 1234", "Tel. five five five, one two three four"),
+    ("en", "call me at 555 1234", "call me at five five five, one two three four"),
+    ("en", "He rang 3 times", "He rang three times"),
     # German
     ("de", "1.234.567,5", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig Komma fünf"),
     ("de", "1 234 567", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig"),
@@ -806,6 +809,8 @@ NORMALIZATION_CASES = [
     ("de", "Hauptstr. 5", "Hauptstraße fünf"),
     ("de", "u.a. und d.h.", "unter anderem und das heißt"),
     ("de", "Müller & Söhne", "Müller und Söhne"),
+    ("de", "Rufen Sie 112 an.", "Rufen Sie eins eins zwei an."),
+    ("de", "Tel.: 030 1234567", "Tel.: null drei null, eins zwei drei vier fünf sechs sieben"),
     # French
     ("fr", "1 234 567,5", "un million deux cent trente-quatre mille cinq cent soixante-sept virgule cinq"),
     ("fr", "1\u202f500", "mille cinq cents"),
@@ -835,6 +840,9 @@ NORMALIZATION_CASES = [
     ("fr", "Dr Martin", "Docteur Martin"),
     ("fr", "etc. p. ex. ceci", "et cetera par exemple ceci"),
     ("fr", "Tom & Jerry", "Tom et Jerry"),
+    ("fr", "Appelez le 112.", "Appelez le un un deux."),
+    ("fr", "Tél. : 01 23 45 67 89", "Tél. : zéro un, vingt-trois, quarante-cinq, soixante-sept, quatre-vingt-neuf"),
+    ("fr", "+33 1 23 45 67 89", "plus trente-trois, un, vingt-trois, quarante-cinq, soixante-sept, quatre-vingt-neuf"),
     # Spanish
     ("es", "1.234.567,5", "un millón doscientos treinta y cuatro mil quinientos sesenta y siete coma cinco"),
     ("es", "3,14", "tres coma catorce"),
@@ -860,6 +868,7 @@ NORMALIZATION_CASES = [
     ("es", "Srta. Ana y Dr. Pérez", "señorita Ana y doctor Pérez"),
     ("es", "Ud. y Uds.", "usted y ustedes"),
     ("es", "etc. p. ej. esto", "etcétera por ejemplo esto"),
+    ("es", "Llame al 112.", "Llame al uno uno dos."),
     # Italian
     ("it", "1.234.567,5", "un milione e duecentotrentaquattromilacinquecentosessantasette virgola cinque"),
     ("it", "3,14", "tre virgola quattordici"),
@@ -885,6 +894,7 @@ NORMALIZATION_CASES = [
     ("it", "123", "centoventitré"),
     ("it", "2023 persone", "duemilaventitré persone"),
     ("it", "23.000", "ventitremila"),
+    ("it", "Chiama il 112.", "Chiama il uno uno due."),
     # Portuguese
     ("pt", "1.234.567,5", "um milhão duzentos e trinta e quatro mil quinhentos e sessenta e sete vírgula cinco"),
     ("pt", "3,14", "três vírgula catorze"),
@@ -907,6 +917,7 @@ NORMALIZATION_CASES = [
     ("pt", "R$1.500", "mil e quinhentos reais"),
     ("pt", "às 14h30", "às catorze e trinta"),
     ("pt", "9h05", "nove e cinco"),
+    ("pt", "Ligue para o 190.", "Ligue para o um nove zero."),
     # Russian
     ("ru", "1 234 567", "один миллион двести тридцать четыре тысячи пятьсот шестьдесят семь"),
     ("ru", "3,14", "три целых четырнадцать сотых"),
@@ -959,6 +970,7 @@ NORMALIZATION_CASES = [
     ("ru", "до 15.03.2024", "до пятнадцатого марта две тысячи двадцать четвёртого года"),
     ("ru", "к 1 мая", "к первому мая"),
     ("ru", "Сегодня 15 марта", "Сегодня пятнадцатое марта"),
+    ("ru", "Звоните 112.", "Звоните один один два."),
     # Chinese
     ("zh", "1,234,567.5", "一百二十三万四千五百六十七点五"),
     ("zh", "3.05", "三点零五"),
