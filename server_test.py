@@ -6,6 +6,7 @@ resampling). Nothing here needs a running server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gc
 import hashlib
@@ -755,6 +756,19 @@ NORMALIZATION_CASES = [
     # whitespace
     ("en", "  too   many\t spaces  ", "too many spaces"),
     ("en", "para one\n\n\n\npara two", "para one\n\npara two"),
+    # English: R$, ℃, phone and emergency numbers digit by digit
+    ("en", "R$ 10", "ten reais"),
+    ("en", "25℃", "twenty-five degrees Celsius"),
+    ("en", "Call 911 now", "Call nine one one now"),
+    ("en", "dial 999", "dial nine nine nine"),
+    ("en", "a 911 call", "a nine one one call"),
+    ("en", "Call (555) 123-4567.", "Call five five five, one two three, four five six seven."),
+    ("en", "555-123-4567", "five five five, one two three, four five six seven"),
+    ("en", "+1 555 123 4567", "plus one, five five five, one two three, four five six seven"),
+    ("en", "call 0800 123 456", "call zero eight zero zero, one two three, four five six"),
+    ("en", "Tel. 555 1234", "Tel. five five five, one two three four"),
+    ("en", "call me at 555 1234", "call me at five five five, one two three four"),
+    ("en", "He rang 3 times", "He rang three times"),
     # German
     ("de", "1.234.567,5", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig Komma fünf"),
     ("de", "1 234 567", "eine Million zweihundertvierunddreißigtausendfünfhundertsiebenundsechzig"),
@@ -776,6 +790,7 @@ NORMALIZATION_CASES = [
     ("de", "30 Min.", "dreißig Minuten"),
     ("de", "am 3. Mai", "am dritten Mai"),
     ("de", "der 3. Oktober", "der dritte Oktober"),
+    ("de", "vom 3. Mai", "vom dritten Mai"),
     ("de", "15.03.2024", "fünfzehnter März zweitausendvierundzwanzig"),
     ("de", "2024-03-15", "fünfzehnter März zweitausendvierundzwanzig"),
     ("de", "Im Jahr 1999", "Im Jahr neunzehnhundertneunundneunzig"),
@@ -794,6 +809,8 @@ NORMALIZATION_CASES = [
     ("de", "Hauptstr. 5", "Hauptstraße fünf"),
     ("de", "u.a. und d.h.", "unter anderem und das heißt"),
     ("de", "Müller & Söhne", "Müller und Söhne"),
+    ("de", "Rufen Sie 112 an.", "Rufen Sie eins eins zwei an."),
+    ("de", "Tel.: 030 1234567", "Tel.: null drei null, eins zwei drei vier fünf sechs sieben"),
     # French
     ("fr", "1 234 567,5", "un million deux cent trente-quatre mille cinq cent soixante-sept virgule cinq"),
     ("fr", "1\u202f500", "mille cinq cents"),
@@ -803,6 +820,7 @@ NORMALIZATION_CASES = [
     ("fr", "1 £", "une livre"),
     ("fr", "1,5 million €", "un virgule cinq million d'euros"),
     ("fr", "2 millions $", "deux millions de dollars"),
+    ("fr", "2 millions €", "deux millions d'euros"),
     ("fr", "50 %", "cinquante pour cent"),
     ("fr", "1 km", "un kilomètre"),
     ("fr", "1,5 km", "un virgule cinq kilomètre"),
@@ -822,6 +840,9 @@ NORMALIZATION_CASES = [
     ("fr", "Dr Martin", "Docteur Martin"),
     ("fr", "etc. p. ex. ceci", "et cetera par exemple ceci"),
     ("fr", "Tom & Jerry", "Tom et Jerry"),
+    ("fr", "Appelez le 112.", "Appelez le un un deux."),
+    ("fr", "Tél. : 01 23 45 67 89", "Tél. : zéro un, vingt-trois, quarante-cinq, soixante-sept, quatre-vingt-neuf"),
+    ("fr", "+33 1 23 45 67 89", "plus trente-trois, un, vingt-trois, quarante-cinq, soixante-sept, quatre-vingt-neuf"),
     # Spanish
     ("es", "1.234.567,5", "un millón doscientos treinta y cuatro mil quinientos sesenta y siete coma cinco"),
     ("es", "3,14", "tres coma catorce"),
@@ -847,6 +868,7 @@ NORMALIZATION_CASES = [
     ("es", "Srta. Ana y Dr. Pérez", "señorita Ana y doctor Pérez"),
     ("es", "Ud. y Uds.", "usted y ustedes"),
     ("es", "etc. p. ej. esto", "etcétera por ejemplo esto"),
+    ("es", "Llame al 112.", "Llame al uno uno dos."),
     # Italian
     ("it", "1.234.567,5", "un milione e duecentotrentaquattromilacinquecentosessantasette virgola cinque"),
     ("it", "3,14", "tre virgola quattordici"),
@@ -863,6 +885,16 @@ NORMALIZATION_CASES = [
     ("it", "Sig. Rossi e Sig.ra Bianchi", "signor Rossi e signora Bianchi"),
     ("it", "Dott. Verdi e Dott.ssa Neri", "dottor Verdi e dottoressa Neri"),
     ("it", "ecc. ad es. questo", "eccetera ad esempio questo"),
+    # Italian: 2° as an ordinal, the accent of a final -tré
+    ("it", "al 2° piano", "al secondo piano"),
+    ("it", "2° piano", "secondo piano"),
+    ("it", "la 2° volta", "la seconda volta"),
+    ("it", "30° all'ombra", "trenta gradi all'ombra"),
+    ("it", "1° maggio", "primo maggio"),
+    ("it", "123", "centoventitré"),
+    ("it", "2023 persone", "duemilaventitré persone"),
+    ("it", "23.000", "ventitremila"),
+    ("it", "Chiama il 112.", "Chiama il uno uno due."),
     # Portuguese
     ("pt", "1.234.567,5", "um milhão duzentos e trinta e quatro mil quinhentos e sessenta e sete vírgula cinco"),
     ("pt", "3,14", "três vírgula catorze"),
@@ -879,9 +911,17 @@ NORMALIZATION_CASES = [
     ("pt", "à 1:00", "à uma hora"),
     ("pt", "Sr. Silva e Sra. Costa", "senhor Silva e senhora Costa"),
     ("pt", "Dr. Lima, etc. p. ex. isto", "doutor Lima, et cetera por exemplo isto"),
+    # Portuguese: Brazilian real, 14h30
+    ("pt", "R$ 29,90", "vinte e nove reais e noventa centavos"),
+    ("pt", "R$ 1,00", "um real"),
+    ("pt", "R$1.500", "mil e quinhentos reais"),
+    ("pt", "às 14h30", "às catorze e trinta"),
+    ("pt", "9h05", "nove e cinco"),
+    ("pt", "Ligue para o 190.", "Ligue para o um nove zero."),
     # Russian
     ("ru", "1 234 567", "один миллион двести тридцать четыре тысячи пятьсот шестьдесят семь"),
     ("ru", "3,14", "три целых четырнадцать сотых"),
+    ("ru", "3,14159", "три запятая один четыре один пять девять"),
     ("ru", "2,5", "две целых пять десятых"),
     ("ru", "1 км", "один километр"),
     ("ru", "2 км", "два километра"),
@@ -901,7 +941,9 @@ NORMALIZATION_CASES = [
     ("ru", "$2", "два доллара"),
     ("ru", "2 млн рублей", "два миллиона рублей"),
     ("ru", "5 млн", "пять миллионов"),
+    ("ru", "2 тыс.", "две тысячи"),
     ("ru", "в 1999 г.", "в тысяча девятьсот девяносто девятом году"),
+    ("ru", "1999 г.", "тысяча девятьсот девяносто девятого года"),
     ("ru", "в 2024 году", "в две тысячи двадцать четвёртом году"),
     ("ru", "15 марта 2024 года", "пятнадцатое марта две тысячи двадцать четвёртого года"),
     ("ru", "15.03.2024", "пятнадцатое марта две тысячи двадцать четвёртого года"),
@@ -909,11 +951,29 @@ NORMALIZATION_CASES = [
     ("ru", "в 9:05", "в девять ноль пять"),
     ("ru", "5-й дом", "пятый дом"),
     ("ru", "2-я улица", "вторая улица"),
+    ("ru", "в 90-х", "в девяностых"),
     ("ru", "т.е. и т.к.", "то есть и так как"),
     ("ru", "яблоки и т.д.", "яблоки и так далее."),
     ("ru", "и т.п. Потом", "и тому подобное. Потом"),
+    # Russian: numbers agree with their noun (pymorphy3); a date after a word is genitive
+    ("ru", "2 книги", "две книги"),
+    ("ru", "1 книга", "одна книга"),
+    ("ru", "купил 1 книгу", "купил одну книгу"),
+    ("ru", "о 2 книгах", "о двух книгах"),
+    ("ru", "с 5 друзьями", "с пятью друзьями"),
+    ("ru", "около 5 книг", "около пяти книг"),
+    ("ru", "21 ночь", "двадцать одна ночь"),
+    ("ru", "2 окна", "два окна"),
+    ("ru", "2 новые книги", "две новые книги"),
+    ("ru", "5 книг", "пять книг"),
+    ("ru", "Встреча 15 марта", "Встреча пятнадцатого марта"),
+    ("ru", "до 15.03.2024", "до пятнадцатого марта две тысячи двадцать четвёртого года"),
+    ("ru", "к 1 мая", "к первому мая"),
+    ("ru", "Сегодня 15 марта", "Сегодня пятнадцатое марта"),
+    ("ru", "Звоните 112.", "Звоните один один два."),
     # Chinese
     ("zh", "1,234,567.5", "一百二十三万四千五百六十七点五"),
+    ("zh", "3.05", "三点零五"),
     ("zh", "我有3个苹果", "我有三个苹果"),
     ("zh", "2个人", "两个人"),
     ("zh", "-12度", "负十二度"),
@@ -927,6 +987,22 @@ NORMALIZATION_CASES = [
     ("zh", "2:00", "两点"),
     ("zh", "12:05", "十二点零五分"),
     ("zh", "第3章", "第三章"),
+    # Chinese: ℃, phone and emergency numbers digit by digit (1 is 幺)
+    ("zh", "今天25℃", "今天二十五摄氏度"),
+    ("zh", "请拨打110", "请拨打幺幺零"),
+    ("zh", "打120", "打幺二零"),
+    ("zh", "110报警", "幺幺零报警"),
+    ("zh", "我的电话是13800138000", "我的电话是幺三八零零幺三八零零零"),
+    ("zh", "+86 138 0013 8000", "加八六，幺三八，零零幺三，八零零零"),
+    ("zh", "打100个电话", "打一百个电话"),
+    ("zh", "我的手机号是13800138000", "我的手机号是幺三八零零幺三八零零零"),
+    # Chinese: ranges with 到, fractions, scores
+    ("zh", "需要3-5天", "需要三到五天"),
+    ("zh", "成绩提高了20%-30%", "成绩提高了百分之二十到百分之三十"),
+    ("zh", "2020-2021年", "二零二零到二零二一年"),
+    ("zh", "一半是1/2", "一半是二分之一"),
+    ("zh", "比分是3:2", "比分是三比二"),
+    ("zh", "3:30开会", "三点三十分开会"),
     # Japanese
     ("ja", "1,234,567円", "百二十三万四千五百六十七円"),
     ("ja", "3.14", "三点一四"),
@@ -962,6 +1038,61 @@ def test_normalize_text(language: str, text: str, expected: str) -> None:
 @pytest.mark.parametrize(("language", "text", "expected"), NORMALIZATION_CASES)
 def test_normalize_text_is_idempotent(language: str, text: str, expected: str) -> None:
     assert normalize_text(expected, language) == expected
+
+
+def test_a_new_language_is_one_table_and_the_defaults_read_it() -> None:
+    dutch = server._LanguageData(
+        code="nl", name="dutch", script="latin", design_script="Hallo!", point_word="komma",
+        signs={"-": "min", "+": "plus", "±": "plus-min"}, and_word="en", number_word="nummer",
+        units={"km": "kilometer|kilometer", "%": "procent|procent", "h": "uur|uur"},
+        currencies={"EUR": server._Money("euro|euro", "cent|cent")},
+        date_formats=("{day} {month} {year}", "{day} {month}"), time_formats=("{h} uur {m}", "{h} uur"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(server._LANGUAGE_DATA, "nl", dutch)
+        assert normalize_text("Om 14:30 liep ik 1,5 km voor €3,50 op 15.03.2024.", "nl") == (
+            "Om veertien uur dertig liep ik één komma vijf kilometer voor drie euro vijftig cent op vijftien maart "
+            "tweeduizendvierentwintig.")
+
+
+def test_the_voices_and_the_detector_read_the_one_list_of_languages() -> None:
+    for code, lang in server._LANGUAGE_DATA.items():
+        assert server.LANGUAGES[code] == lang.name and server.DESIGN_SCRIPTS[code] == lang.design_script
+        assert detect_language(lang.design_script) == code
+    assert set(server.LANGUAGES) == set(server.DESIGN_SCRIPTS) == set(server._LANGUAGE_DATA)
+
+
+def test_a_failing_rule_is_logged_by_name_and_its_text_kept(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    lines: list[str] = []
+    sink = server.logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        monkeypatch.setattr(server, "_say_money", broken)
+        monkeypatch.setattr(server, "_failed_rules", set())
+        assert normalize_text("Pay $5 for 3 apples.", "en") == "Pay $five for three apples."
+        monkeypatch.setattr(server, "_RULES", (server._speak_numbers, broken))
+        assert normalize_text("3 apples", "en") == "three apples"
+    finally:
+        server.logger.remove(sink)
+    assert any("text rule speak_money failed (RuntimeError: boom)" in line for line in lines), lines
+    assert any("text rule broken failed (RuntimeError: boom)" in line for line in lines), lines
+
+
+def test_russian_numbers_are_still_read_without_pymorphy3() -> None:
+    """Where pymorphy3 is not installed (the GPU benchmark machine), Russian numbers are read without agreement."""
+    script = ("import sys\n"
+              "class Block:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] == 'pymorphy3':\n"
+              "            raise ImportError('not installed: ' + name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "import server\n"
+              "print(server.normalize_text('2 книги и 5 км', 'ru'))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "два книги и пять километров"
+    assert "pymorphy3 is not installed" in out.stderr
 
 
 def test_unknown_language_returns_text_unchanged() -> None:
@@ -1042,6 +1173,107 @@ def test_detect_language(text: str, expected: str) -> None:
 ])
 def test_detect_language_other_or_unclear(text: str) -> None:
     assert detect_language(text) is None
+
+
+# ---- language for short text: what a voice agent says all day, per language (greetings, yes/no, thanks, numbers in
+# words, names). Some are the same in two languages ("No.", "Claro.", "Por favor."): only a prior can tell those.
+SHORT_PHRASES = {
+    "en": ["Hi.", "Hello.", "OK.", "Yes.", "No.", "Thanks!", "Bye.", "Good morning.", "Sure.", "Forty-two.",
+           "John Smith.", "See you.", "Please.", "Of course.", "Sorry?"],
+    "de": ["Hallo.", "Ja.", "Nein.", "Danke!", "Tschüss.", "Guten Morgen.", "Bitte.", "Genau.", "Zweiundvierzig.",
+           "Jürgen Müller.", "Bis bald.", "Natürlich.", "Entschuldigung.", "Na klar.", "Servus!"],
+    "fr": ["Bonjour.", "Salut !", "Oui.", "Non.", "Merci !", "Au revoir.", "D'accord.", "Bonsoir.", "Quarante-deux.",
+           "François Dupont.", "À bientôt.", "Bien sûr.", "S'il vous plaît.", "Pardon ?", "Enchanté."],
+    "es": ["Hola.", "Sí.", "No.", "¡Gracias!", "Adiós.", "Buenos días.", "Vale.", "Claro.", "Cuarenta y dos.",
+           "José García.", "Hasta luego.", "Por favor.", "De nada.", "¿Qué tal?", "Perdón."],
+    "it": ["Ciao.", "Sì.", "No.", "Grazie!", "Arrivederci.", "Buongiorno.", "Va bene.", "Certo.", "Quarantadue.",
+           "Giuseppe Rossi.", "A presto.", "Per favore.", "Prego.", "Scusi.", "Buonasera."],
+    "pt": ["Olá.", "Sim.", "Não.", "Obrigado!", "Tchau.", "Bom dia.", "Tudo bem?", "Claro.", "Quarenta e dois.",
+           "João Silva.", "Até logo.", "Por favor.", "De nada.", "Com licença.", "Obrigada."],
+    "ru": ["Привет.", "Да.", "Нет.", "Спасибо!", "Пока.", "Доброе утро.", "Хорошо.", "Конечно.", "Сорок два.",
+           "Иван Петров.", "До свидания.", "Пожалуйста.", "Ладно.", "Извините.", "Алло?"],
+    "zh": ["你好。", "是。", "不是。", "谢谢！", "再见。", "早上好。", "好的。", "当然。", "四十二。", "王小明。",
+           "没问题。", "请。", "对不起。", "喂？", "嗯。"],
+    "ja": ["こんにちは。", "はい。", "いいえ。", "ありがとう！", "さようなら。", "おはよう。", "大丈夫。", "もちろん。",
+           "四十二。", "田中太郎。", "またね。", "お願いします。", "すみません。", "もしもし？", "東京。"],
+    "ko": ["안녕하세요.", "네.", "아니요.", "감사합니다!", "안녕히 가세요.", "좋은 아침.", "괜찮아요.", "물론이죠.",
+           "마흔둘.", "김민수.", "또 봐요.", "제발.", "죄송합니다.", "여보세요?", "그래요."],
+}
+
+
+def short_phrase_outcomes(prior_for) -> collections.Counter:
+    """How the phrases resolve: 'right', 'auto' (left to the model) or 'wrong', with prior_for(language) as the
+    request's prior (None: no prior)."""
+    outcomes: collections.Counter = collections.Counter()
+    for language, phrases in SHORT_PHRASES.items():
+        for phrase in phrases:
+            prior = prior_for(language)
+            _, iso = server.resolve_language(None, phrase, LANGS, priors=(prior,) if prior else ())
+            outcomes["auto" if iso is None else "right" if iso == language else "wrong"] += 1
+    return outcomes
+
+
+def test_short_text_is_never_a_confident_wrong_guess() -> None:
+    alone = short_phrase_outcomes(lambda language: None)   # 118 right, 30 wrong before priors and thresholds
+    assert alone["wrong"] <= 10 and alone["right"] >= 95, alone
+    assert server.resolve_language(None, "Hi.", LANGS) == ("auto", None)
+    assert server.resolve_language(None, "OK.", LANGS) == ("auto", None)
+
+
+def test_the_voices_language_decides_short_text_it_may_be_in() -> None:
+    own = short_phrase_outcomes(lambda language: language)
+    assert own["wrong"] <= 3 and own["right"] >= 135, own
+    assert server.resolve_language(None, "Hi.", LANGS, priors=("en",)) == ("english", "en")
+    assert server.resolve_language(None, "Ja.", LANGS, priors=("de-DE",)) == ("german", "de")
+    assert server.resolve_language(None, "東京。", LANGS, priors=("ja",)) == ("japanese", "ja")
+    assert server.resolve_language(None, "東京。", LANGS) == ("chinese", "zh")
+    assert server.resolve_language(None, "42.", LANGS, priors=("zh",)) == ("chinese", "zh")   # no letters: the prior
+    assert server.resolve_language(None, "Claro.", LANGS, priors=("pt-BR",)) == ("portuguese", "pt")
+    assert server.resolve_language(None, "Claro.", LANGS, priors=("es",)) == ("spanish", "es")
+    dialect = server.resolve_language(None, "今天天气很好", LANGS, priors=("sichuan_dialect",))
+    assert dialect == ("sichuan_dialect", "zh")
+
+
+def test_a_prior_gives_way_to_what_the_text_clearly_is() -> None:
+    assert server.resolve_language(None, "Danke!", LANGS, priors=("en",)) == ("german", "de")
+    assert server.resolve_language(None, "Bonjour.", LANGS, priors=("en",)) == ("french", "fr")
+    assert server.resolve_language(None, "Hello.", LANGS, priors=("zh",)) == ("auto", None)   # not Chinese script
+    assert server.resolve_language(None, "Hello.", LANGS, priors=("zh", "en")) == ("english", "en")   # the next prior
+    assert server.resolve_language(None, "Привет.", LANGS, priors=("en",)) == ("russian", "ru")
+    text = "The weather is really nice today, let's go for a walk."
+    assert server.resolve_language(None, text, LANGS, priors=("de",)) == ("english", "en")
+
+
+def test_an_explicit_language_wins_and_the_old_call_still_works() -> None:
+    assert server.resolve_language("fr", "Hello.", LANGS, priors=("en",)) == ("french", "fr")
+    assert server.resolve_language(None, "Das Wetter ist heute wirklich schön.", LANGS) == ("german", "de")
+    assert server.resolve_language("auto", "Bonjour tout le monde", LANGS) == ("french", "fr")
+    assert server.resolve_language(None, "12345", LANGS) == ("auto", None)
+    assert server.resolve_language(None, "Γεια σου κόσμε", LANGS, priors=("en",)) == ("auto", None)
+
+
+def test_a_request_plans_its_short_text_in_the_language_its_voice_implies(tiny_dir, tmp_path, monkeypatch) -> None:
+    def plan(voice: str, text: str, **settings) -> SpeechPlan:
+        service = server.Server(Settings(model_id=tiny_dir, data_dir=str(tmp_path), **settings))
+        return asyncio.run(service.plan(SpeechRequest(input=text, voice=voice)))
+
+    assert plan("alloy", "Hi.").language == "english"                      # ryan speaks English
+    assert plan("nova", "Hi.").language == "auto"                          # vivian's Chinese cannot be Latin text
+    assert plan("nova", "Ja.", default_language="de").language == "german"
+    assert plan("alloy", "Ja.", default_language="de").language == "german"    # the setting before the speaker's own
+
+    async def custom_voice(self, voice):
+        return server.VoiceChoice("voice_1", tiny_dir, speaker="ryan", language="pt-BR")
+
+    monkeypatch.setattr(server.Server, "choose_voice", custom_voice)
+    assert plan("voice_1", "Claro.", default_language="es").language == "portuguese"
+
+
+def test_default_language_is_a_setting_checked_at_start() -> None:
+    assert load_settings({}).default_language == "auto"
+    assert load_settings({"DEFAULT_LANGUAGE": "de-DE"}).default_language == "de-DE"
+    with pytest.raises(SettingsError, match="DEFAULT_LANGUAGE"):
+        load_settings({"DEFAULT_LANGUAGE": "klingon"})
 
 
 def test_detect_language_mixed_text_uses_majority() -> None:
