@@ -17,11 +17,17 @@ fi
 .venv/bin/hadolint Dockerfile
 .venv/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
+# Tests run on TEST_WORKERS processes (pytest-xdist; default: 2, this machine kind's cores), each PyTorch on one
+# thread: more threads than cores make OpenMP spin against the other processes. E2E modules stay whole on one worker
+# (--dist loadscope), so a module's shared server starts once; each worker starts its own main server.
+workers=${TEST_WORKERS:-2}
+export OMP_NUM_THREADS=1
+
 echo "== unit tests"
-$py -m pytest server_test.py -q
+$py -m pytest server_test.py -q -n "$workers"
 
 echo "== end-to-end tests"
-E2Etest/run_tests.sh --with-server "$@"
+E2Etest/run_tests.sh --with-server -n "$workers" --dist loadscope "$@"
 
 echo "== seed scripts against a live server"
 port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
