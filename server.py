@@ -2975,40 +2975,36 @@ def force_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
 
 
 class Job:
-    """Text segments in, ordered PCM chunks out. The model thread produces; the event loop consumes."""
+    """One request as the engine sees it, built from its plan: segments in, ordered PCM chunks out. The model thread
+    produces (emit_audio, end_segment, fail); the event loop consumes (next_event)."""
 
-    def __init__(self, *, model_id: str, segments: list[str], budgets: list[int], speaker: Optional[str],
-                 language: str, instructions: Optional[str], sampling: Sampling, first_chunk_frames: int,
-                 chunk_frames: int, timeout: float, loop: Optional[asyncio.AbstractEventLoop], internal: bool = False,
-                 voice_prompt: Optional[VoicePrompt] = None):
-        assert segments and len(segments) == len(budgets)
+    def __init__(self, plan: SpeechPlan, *, first_chunk_frames: int, chunk_frames: int, timeout: float,
+                 loop: Optional[asyncio.AbstractEventLoop], internal: bool = False):
+        assert plan.segments and len(plan.segments) == len(plan.budgets)
         self.id = uuid.uuid4().hex[:12]
-        self.model_id, self.segments, self.budgets = model_id, segments, budgets
-        self.speaker, self.language, self.instructions, self.sampling = speaker, language, instructions, sampling
-        self.voice_prompt = voice_prompt  # a cloned voice (Base model); None for built-in speakers
+        self.plan = plan
+        # What the model needs of the plan; the rest of it (format, speed, rate) is the response's business.
+        self.model_id, self.segments, self.budgets = plan.model_id, plan.segments, plan.budgets
+        self.speaker, self.language, self.instructions = plan.speaker, plan.language, plan.instructions
+        self.sampling, self.voice_prompt = plan.sampling, plan.voice_prompt   # voice_prompt: a cloned voice
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.internal = internal          # the server's own job (warm-up): not a client's request
         self.created = time.monotonic()
         self.deadline = self.created + timeout
         self.timeout = timeout
-        self.pending_segments: collections.deque[int] = collections.deque(range(len(segments)))
+        self.pending_segments: collections.deque[int] = collections.deque(range(len(plan.segments)))
         self.running_rows = 0
         self.state = "queued"              # queued | running | done | failed | cancelled
         self.started_at: Optional[float] = None
         self.first_audio_at: Optional[float] = None
         self.input_tokens = 0
         self.output_frames = 0
-        self.segment_frames = [0] * len(segments)
+        self.segment_frames = [0] * len(plan.segments)
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()  # read only on `loop`; a job without a loop is a warm-up
         self._next_segment = 0
         self._held: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self._ended: set[int] = set()
-
-    @property
-    def batch_key(self) -> str:
-        # Rows sample with their own parameters and generators (BatchSampler): any jobs of one model can share a batch.
-        return self.model_id
 
     @property
     def over(self) -> bool:
@@ -3407,6 +3403,31 @@ class ModelManager:
                     self.load_seconds, self.device, self.dtype, self.attention, self.compiled)
         return self.tts
 
+    def warm_up(self) -> None:
+        """One short synthesis through the real path (DecodeBatch), so that the first request does not pay for lazy
+        initialisation. A Base model is skipped: it speaks only cloned voices, and none is at hand."""
+        if self.info is None or self.info.kind == "base":
+            return
+        started = time.monotonic()
+        job = Job(self._warm_up_plan(self.info), first_chunk_frames=4, chunk_frames=4, timeout=600, loop=None,
+                  internal=True)
+        try:
+            with torch.inference_mode(), DecodeBatch(self, lambda _: None, lambda _: None) as batch:
+                batch.add([(job, 0)])
+                while batch.rows:
+                    batch.step()
+            logger.info("warm-up of {} took {:.2f}s", self.model_id, time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up is worth a warning, not a dead server
+            logger.warning("warm-up of {} failed: {}", self.model_id, exc)
+
+    def _warm_up_plan(self, info: ModelInfo) -> SpeechPlan:
+        text = "Hello, this is a warm-up."
+        return SpeechPlan(model_id=self.model_id, text=text, segments=(text,), budgets=(8,), voice="warm-up",
+                          speaker=min(info.speakers) if info.speakers else None, language="english",
+                          instructions="A calm voice." if info.kind == "voice_design" else None,
+                          sampling=Sampling(seed=0), speed=1.0, sample_rate=SAMPLE_RATE, response_format="pcm",
+                          normalize=False)
+
     def unload(self) -> None:
         if self.tts is None:
             return
@@ -3494,7 +3515,35 @@ class ModelManager:
         return f"model {self.model_id!r} could not be loaded ({text}); {'; '.join(hints)}"
 
 
-# ---- engine: the scheduler (queue, batching, cancellation, timeouts) and the one model thread
+class Models:
+    """The model managers by id: MODEL_ID's from the start, the others (BASE_MODEL_ID, VOICE_DESIGN_MODEL_ID) made
+    on first use. Any thread may look them up; only the model thread loads and unloads them."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._managers = {settings.model_id: ModelManager(settings.model_id, settings)}
+
+    def get(self, model_id: Optional[str] = None) -> ModelManager:
+        model_id = model_id or self.settings.model_id
+        with self._lock:
+            if model_id not in self._managers:
+                self._managers[model_id] = ModelManager(model_id, self.settings)
+            return self._managers[model_id]
+
+    def snapshot(self, model_id: Optional[str] = None) -> dict:
+        """The model's state for /health, without making a manager for it: a model never used reads as unloaded."""
+        model_id = model_id or self.settings.model_id
+        with self._lock:
+            manager = self._managers.get(model_id)
+        return (manager or ModelManager(model_id, self.settings)).snapshot()
+
+    def all(self) -> list[ModelManager]:
+        with self._lock:
+            return list(self._managers.values())
+
+
+# ---- engine: the scheduler (admission, queue accounting, fairness, timeouts, Retry-After)
 @dataclass
 class ModelTask:
     """A call to run on the model thread with a loaded model (e.g. computing a voice-clone prompt)."""
@@ -3516,162 +3565,184 @@ class ModelTask:
             self.loop.call_soon_threadsafe(resolve)
 
 
-class Engine:
-    """Admits jobs, batches compatible ones into one generate() call, and runs every model call on one thread."""
+class Wait(NamedTuple):
+    """Scheduler.next_work's answer when nothing can run yet: look again after `seconds` (the batch window of the
+    waiting jobs closes then), or, with None, once something is submitted."""
+
+    seconds: Optional[float]
+
+
+Rows = list[tuple[Job, int]]    # (job, segment) pairs: the rows of a batch, or those joining one
+
+
+class Scheduler:
+    """What the model thread does next, and the books behind it: the jobs admitted (queue_depth), the jobs waiting
+    for rows in arrival order, the model tasks waiting to run. Plain code without torch or a thread of its own:
+    every method takes the one lock, so the event loop (submit, cancel) and the model worker (wait_for_work,
+    joiners, row_left) call it from their threads, and a unit test drives the policy directly with its own clock
+    (next_work, joiners).
+
+    The policy: model tasks first (they are short); then the oldest waiting job's model gets a batch, once the
+    oldest job has waited BATCH_WAIT_MS or the batch is full; every job gets one row before any job gets a second,
+    jobs without a generating row first. A running batch takes joiners only from jobs ahead of the oldest waiting
+    job of another model, so that a batch kept alive by new arrivals cannot starve the other model.
+
+    A job is admitted by submit() and leaves in exactly one place, _release(): once it is over (done, failed,
+    cancelled, timed out) and none of its rows is in a batch any more."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.models: dict[str, ModelManager] = {settings.model_id: ModelManager(settings.model_id, settings)}
         self._cond = threading.Condition()
-        self._pending: collections.deque[Job] = collections.deque()
+        self._active: dict[str, Job] = {}                              # admitted, not released
+        self._waiting: collections.deque[Job] = collections.deque()    # jobs with segments not in a batch yet
         self._tasks: collections.deque[ModelTask] = collections.deque()
-        self._active: dict[str, Job] = {}
-        self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._draining = False                       # drain(): admit nothing new, let admitted work finish
-        self.busy_since: Optional[float] = None      # when the running batch started
-        self.heartbeat = time.monotonic()            # last sign of life from the model thread
-        self._step_seconds = 0.1                     # moving average of one generation step, for Retry-After
+        self._draining = False       # drain(): admit nothing new, let what is admitted finish
+        self._stopping = False       # stop(): everything fails, the worker leaves its loop
+        self._step_seconds = 0.1     # moving average of one generation step, for Retry-After
 
-    # -- lifecycle
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_forever, name="model-thread", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            for job in list(self._active.values()):
-                job.fail(ShuttingDown())
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def drain(self) -> None:
-        """Stop admitting: new jobs and model tasks get ShuttingDown; those admitted already run on to their end."""
-        with self._cond:
-            self._draining = True
-
-    # -- called from the event loop
-    def manager(self, model_id: Optional[str] = None) -> ModelManager:
-        model_id = model_id or self.settings.model_id
-        with self._cond:
-            if model_id not in self.models:
-                self.models[model_id] = ModelManager(model_id, self.settings)
-            return self.models[model_id]
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests waiting or being served. A finished or cancelled job stops counting at once, even while its row
-        rides along in a batch for up to one more frame."""
-        with self._cond:
-            return sum(1 for job in self._active.values() if not job.over)
-
+    # -- admission (the event loop)
     def submit(self, job: Job) -> None:
-        """Queue a job, or refuse it at once with 503 and Retry-After when MAX_QUEUE_DEPTH jobs are in flight."""
+        """Admit a job, or refuse it at once: QueueFull (503 with Retry-After) when MAX_QUEUE_DEPTH jobs are in
+        flight, ShuttingDown once the engine drains or stops."""
         with self._cond:
-            limit = self.settings.max_queue_depth
-            depth = sum(1 for job in self._active.values() if not job.over)
             if self._stopping or self._draining:
                 raise ShuttingDown()
+            depth, limit = self._depth(), self.settings.max_queue_depth
             if limit and depth >= limit:
                 raise QueueFull(depth, limit, self._retry_after())
             self._active[job.id] = job
-            self._pending.append(job)
+            self._waiting.append(job)
             self._cond.notify_all()
 
-    async def call(self, model_id: str, fn: Callable[[Any], Any], timeout: float) -> Any:
-        """Run fn(model) on the model thread, once the model is loaded, before the next batch; return its result."""
-        loop = asyncio.get_running_loop()
-        task = ModelTask(model_id, fn, loop.create_future(), loop)
+    def submit_task(self, task: ModelTask) -> None:
         with self._cond:
             if self._stopping or self._draining:
                 raise ShuttingDown()
             self._tasks.append(task)
             self._cond.notify_all()
-        try:
-            return await asyncio.wait_for(asyncio.shield(task.future), timeout)
-        except asyncio.TimeoutError:
-            raise TimedOut(f"the model did not answer within {timeout:g}s") from None
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: stop the job's GPU work within a frame and release everything it holds."""
+        """The client is gone: its rows stop at the next step, and the job is released once none is left."""
         with self._cond:
             if not job.over:
                 job.state = "cancelled"
             if job.running_rows == 0:
                 self._release(job)
 
-    # -- model thread
-    def _run_forever(self) -> None:
-        if self.settings.inference_cpu_cores:
-            with contextlib.suppress(OSError, AttributeError):
-                os.sched_setaffinity(0, self.settings.inference_cpu_cores)  # this thread and the ones it starts
-        if self.settings.preload_model:
-            with contextlib.suppress(ModelUnavailable):
-                self._load(self.manager())
-        else:
-            with contextlib.suppress(Exception):
-                import qwen_tts  # noqa: F401 - a few seconds the first request would otherwise wait for
-        while True:
-            work = self._next_rows()
-            if work is None:
-                break
-            if isinstance(work, ModelTask):
-                self._run_task(work)
-            elif work:
-                self._run_rows(work)
-            else:
-                self._unload_idle()
-        for manager in list(self.models.values()):
-            manager.unload()
+    def drain(self) -> None:
+        """Admit nothing new (ShuttingDown); jobs and tasks admitted already run on to their end."""
+        with self._cond:
+            self._draining = True
 
-    def _next_rows(self) -> Optional[Union[list[tuple[Job, int]], ModelTask]]:
-        """Wait for work: a task, rows of a batch, [] ('check for idle models'), or None ('stop')."""
+    def stop(self) -> None:
+        """Every admitted job and waiting task fails with ShuttingDown; the worker's wait_for_work returns None."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self._active.values()):
+                job.fail(ShuttingDown())
+            while self._tasks:
+                self._tasks.popleft().settle(None, ShuttingDown())
+            self._cond.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting or being served. A finished or cancelled job stops counting at once, even while its row
+        rides along in a batch for up to one more frame."""
+        with self._cond:
+            return self._depth()
+
+    def retry_after(self) -> int:
+        with self._cond:
+            return self._retry_after()
+
+    # -- the model worker's side
+    def wait_for_work(self, idle_seconds: Optional[float]) -> Union[ModelTask, Rows, None]:
+        """Block until there is work: a model task, or the rows of a new batch; [] once `idle_seconds` (None:
+        never) pass with no job waiting, the moment to unload idle models; None when the engine stops."""
+        give_up = None if idle_seconds is None else time.monotonic() + idle_seconds
         with self._cond:
             while True:
-                if self._stopping:
-                    return None
-                if self._tasks:
-                    return self._tasks.popleft()
-                self._drop_dead_jobs()
-                if self._pending:
-                    break
-                wait = self._seconds_until_idle_unload()
-                if wait is not None and wait <= 0:
+                now = time.monotonic()
+                work = self._next_work(now)
+                if not isinstance(work, Wait):
+                    return work
+                if work.seconds is not None:            # a batch window is open: it closes soon
+                    self._cond.wait(work.seconds)
+                elif give_up is None:
+                    self._cond.wait()
+                elif now >= give_up:
                     return []
-                self._cond.wait(wait)
-            # Requests arriving together share a batch: wait until BATCH_WAIT_MS after the oldest one arrived (a
-            # request that already waited through a running batch does not wait again) or until the batch is full.
-            deadline = self._pending[0].created + self.settings.batch_wait_ms / 1000
-            while self._pending and self._pending_rows() < self.settings.max_batch_size and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._drop_dead_jobs()
-            if not self._pending:
+                else:
+                    self._cond.wait(give_up - now)
+
+    def next_work(self, now: Optional[float] = None) -> Union[ModelTask, Rows, Wait, None]:
+        """What to run now: a model task, the rows of a new batch (their jobs then count as running), Wait, or None
+        when the engine stops. Waiting jobs past their deadline fail with TimedOut on the way."""
+        with self._cond:
+            return self._next_work(time.monotonic() if now is None else now)
+
+    def take_task(self) -> Optional[ModelTask]:
+        """A model task to run between two steps of a batch, if one waits."""
+        with self._cond:
+            return self._tasks.popleft() if self._tasks and not self._stopping else None
+
+    def joiners(self, model_id: str, free: int, now: Optional[float] = None) -> Rows:
+        """Up to `free` rows of `model_id` to join its running batch at the next step (none with
+        CONTINUOUS_BATCHING=false): only from jobs ahead of the oldest waiting job of another model."""
+        with self._cond:
+            if self._stopping or free <= 0 or not self.settings.continuous_batching:
                 return []
-            return self._select_rows()
+            now = time.monotonic() if now is None else now
+            self._expire(now)
+            return self._select(model_id, free, now, behind_others=False)
 
-    def _pending_rows(self) -> int:
-        return sum(len(job.pending_segments) for job in self._pending)
+    def row_left(self, job: Job) -> None:
+        """A row of `job` left its batch (ended, stopped, failed); the job is released once it has no row left."""
+        with self._cond:
+            job.running_rows -= 1
+            if job.over and job.running_rows == 0:
+                self._release(job)
 
-    def _select_rows(self, key: Optional[str] = None, limit: Optional[int] = None,
-                     behind_others: bool = True) -> list[tuple[Job, int]]:
-        """Oldest job first; every compatible job gets one row before any job gets a second (see README: fairness).
-        Rows joining a running batch (behind_others False) come only from jobs older than the oldest waiting job of
-        another model, so that a batch kept alive by new arrivals cannot starve the other model."""
-        key = key or self._pending[0].batch_key
-        limit = self.settings.max_batch_size if limit is None else limit
+    def fail_waiting(self, model_id: str, error: ServiceError) -> None:
+        """Every job waiting for `model_id` fails with `error` (the model cannot load; the next request retries)."""
+        with self._cond:
+            for job in [job for job in self._waiting if job.model_id == model_id]:
+                job.fail(error)
+            self._expire(time.monotonic())
+
+    def record_step(self, seconds: float) -> None:
+        """One generation step took `seconds`: the measure behind Retry-After."""
+        with self._cond:
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+
+    # -- under the lock
+    def _next_work(self, now: float) -> Union[ModelTask, Rows, Wait, None]:
+        if self._stopping:
+            return None
+        if self._tasks:
+            return self._tasks.popleft()
+        self._expire(now)
+        if not self._waiting:
+            return Wait(None)
+        # Requests arriving together share a batch: wait until BATCH_WAIT_MS after the oldest one arrived (one that
+        # already waited through a running batch does not wait again), or until the batch is full.
+        window_closes = self._waiting[0].created + self.settings.batch_wait_ms / 1000
+        waiting_rows = sum(len(job.pending_segments) for job in self._waiting)
+        if waiting_rows < self.settings.max_batch_size and now < window_closes:
+            return Wait(window_closes - now)
+        return self._select(self._waiting[0].model_id, self.settings.max_batch_size, now, behind_others=True)
+
+    def _select(self, model_id: str, limit: int, now: float, behind_others: bool) -> Rows:
+        """Rows of `model_id`'s waiting jobs, oldest job first: one row for each job that has none generating, then
+        further rows (later segments) in job order, up to `limit` (see README: fairness). With behind_others False,
+        only from the jobs ahead of the oldest waiting job of another model."""
         if behind_others:
-            compatible = [job for job in self._pending if job.batch_key == key]
+            candidates = [job for job in self._waiting if job.model_id == model_id]
         else:
-            compatible = list(itertools.takewhile(lambda job: job.batch_key == key, self._pending))
-        chosen: list[tuple[Job, int]] = []
-        now = time.monotonic()
+            candidates = list(itertools.takewhile(lambda job: job.model_id == model_id, self._waiting))
+        chosen: Rows = []
         for one_each in (True, False):
-            for job in compatible:
+            for job in candidates:
                 if one_each and job.running_rows:
                     continue    # it has a row generating already: requests without one go first
                 while job.pending_segments and len(chosen) < limit:
@@ -3682,23 +3753,30 @@ class Engine:
                         self.metrics.queue_wait(now - job.created)
                     if one_each:
                         break
-        self._pending = collections.deque(job for job in self._pending if job.pending_segments)
+        self._waiting = collections.deque(job for job in self._waiting if job.pending_segments)
         return chosen
 
-    def _drop_dead_jobs(self) -> None:
-        now = time.monotonic()
-        for job in list(self._pending):
+    def _expire(self, now: float) -> None:
+        """Waiting jobs past their deadline time out; jobs that are over get no more rows, and are released once
+        none of their rows is in a batch."""
+        for job in list(self._waiting):
             if not job.over and now > job.deadline:
                 job.fail(TimedOut(f"the request waited longer than REQUEST_TIMEOUT={job.timeout:g}s"))
-            if job.over and job.running_rows == 0:
-                self._release(job)
+            if job.over:
+                job.pending_segments.clear()
+                self._waiting.remove(job)
+                if job.running_rows == 0:
+                    self._release(job)
 
     def _release(self, job: Job) -> None:
-        """The one place a job leaves the queue; called under the lock."""
+        """The one place a job leaves the queue."""
         with contextlib.suppress(ValueError):
-            self._pending.remove(job)
+            self._waiting.remove(job)
         self._active.pop(job.id, None)
         self._cond.notify_all()
+
+    def _depth(self) -> int:
+        return sum(1 for job in self._active.values() if not job.over)
 
     def _retry_after(self) -> int:
         """Seconds until a queue slot is likely free: the frames still to generate for the jobs in flight, spread
@@ -3706,62 +3784,72 @@ class Engine:
         frames = sum(job.remaining_frames() for job in self._active.values() if not job.over)
         return max(1, min(60, math.ceil(self._step_seconds * frames / self.settings.max_batch_size)))
 
-    def _seconds_until_idle_unload(self) -> Optional[float]:
-        if self.settings.idle_timeout <= 0:
-            return None
-        loaded = [m.last_used for m in self.models.values() if m.tts is not None]
-        if not loaded:
-            return None
-        return min(loaded) + self.settings.idle_timeout - time.monotonic()
 
-    def _unload_idle(self) -> None:
-        now = time.monotonic()
-        for manager in list(self.models.values()):
-            if manager.tts is not None and now - manager.last_used >= self.settings.idle_timeout:
-                manager.unload()
-        self.metrics.model_loaded(any(m.tts is not None for m in self.models.values()))
+# ---- engine: the model worker (the one thread that runs the models)
+class ModelWorker:
+    """The one thread that makes every model call: it takes work from the scheduler, loads (and warms up) the model
+    a batch needs, runs the batch (DecodeBatch) step by step until it empties, between steps runs waiting model
+    tasks and lets joiners in, unloads models idle for IDLE_TIMEOUT, and turns failures into domain errors for the
+    jobs and tasks they concern (ModelUnavailable, OutOfMemory, SynthesisFailed)."""
 
-    def _load(self, manager: ModelManager) -> Any:
+    def __init__(self, settings: Settings, metrics: Metrics, scheduler: Scheduler, models: Models):
+        self.settings, self.metrics, self.scheduler, self.models = settings, metrics, scheduler, models
+        self._thread: Optional[threading.Thread] = None
+        self.busy_since: Optional[float] = None      # when the running batch started
+        self.heartbeat = time.monotonic()            # last sign of life from the model thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_forever, name="model-thread", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_forever(self) -> None:
+        if self.settings.inference_cpu_cores:
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setaffinity(0, self.settings.inference_cpu_cores)  # this thread and the ones it starts
+        if self.settings.preload_model:
+            with contextlib.suppress(ModelUnavailable):
+                self._ready(self.models.get())
+        else:
+            with contextlib.suppress(Exception):
+                import qwen_tts  # noqa: F401 - a few seconds the first request would otherwise wait for
+        while (work := self.scheduler.wait_for_work(self._seconds_until_idle_unload())) is not None:
+            if isinstance(work, ModelTask):
+                self._run_task(work)
+            elif work:
+                self._run_rows(work)
+            else:
+                self._unload_idle()
+        for manager in self.models.all():
+            manager.unload()
+
+    def _ready(self, manager: ModelManager) -> None:
+        """Load the model if it is not loaded; a fresh load is warmed up (WARMUP) before anything runs on it."""
         fresh = manager.tts is None
-        tts = manager.ensure_loaded()
+        manager.ensure_loaded()
         if fresh:
             self.metrics.model_loaded(True)
             if self.settings.warmup:
-                self._warm_up(manager)
+                manager.warm_up()
             manager.warmed = True
-        return tts
 
-    def _warm_up(self, manager: ModelManager) -> None:
-        """One short synthesis through the real path, so the first request does not pay for lazy initialisation."""
-        info = manager.info
-        if info is None or info.kind == "base":
-            return
-        started = time.monotonic()
-        job = Job(model_id=manager.model_id, segments=["Hello, this is a warm-up."], budgets=[8],
-                  speaker=min(info.speakers) if info.speakers else None, language="english",
-                  instructions="A calm voice." if info.kind == "voice_design" else None, sampling=Sampling(seed=0),
-                  first_chunk_frames=4, chunk_frames=4, timeout=600, loop=None, internal=True)
-        try:
-            with torch.inference_mode(), DecodeBatch(manager, lambda _: None, lambda _: None) as batch:
-                batch.add([(job, 0)])
-                while batch.rows:
-                    batch.step()
-            logger.info("warm-up of {} took {:.2f}s", manager.model_id, time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 - a failed warm-up is worth a warning, not a dead server
-            logger.warning("warm-up of {} failed: {}", manager.model_id, exc)
-
-    def _run_rows(self, chosen: list[tuple[Job, int]]) -> None:
+    def _run_rows(self, chosen: Rows) -> None:
         """Generate these rows, and every row that joins them while they run, until none is left."""
-        manager = self.manager(chosen[0][0].model_id)
+        manager = self.models.get(chosen[0][0].model_id)
         try:
-            self._load(manager)
+            self._ready(manager)
         except ModelUnavailable as exc:
-            self._fail_model_jobs(manager.model_id, {job.id: job for job, _ in chosen}.values(), str(exc))
             for job, _ in chosen:
-                self._row_left(job)
+                job.fail(exc)
+                self.scheduler.row_left(job)
+            self.scheduler.fail_waiting(manager.model_id, exc)
+            self.metrics.model_loaded(False)
             return
-        started = self.busy_since = time.monotonic()
-        with DecodeBatch(manager, self._beat, self._row_left) as batch:
+        started = self.busy_since = self.heartbeat = time.monotonic()
+        with DecodeBatch(manager, self._beat, self.scheduler.row_left) as batch:
             try:
                 with torch.inference_mode():
                     batch.add(chosen)
@@ -3773,43 +3861,25 @@ class Engine:
                 batch.fail_all(self._generation_error(exc))
             finally:
                 self.metrics.batch_rows(0)
-                self.busy_since = None
-                manager.last_used = time.monotonic()
                 self.metrics.batch(batch.peak, time.monotonic() - started)
+                manager.last_used = time.monotonic()
+                self.busy_since = None       # last: whoever sees None sees the batch's metrics too
 
     def _between_steps(self, manager: ModelManager, batch: DecodeBatch) -> None:
         """Run waiting model tasks (they are short), then let waiting rows of the same model join the batch."""
-        while True:
-            with self._cond:
-                task = self._tasks.popleft() if self._tasks and not self._stopping else None
-            if task is None:
-                break
+        while (task := self.scheduler.take_task()) is not None:
             self._run_task(task)
-        free = self.settings.max_batch_size - len(batch.rows)
-        if free <= 0 or not self.settings.continuous_batching:
-            return
-        with self._cond:
-            if self._stopping:
-                return
-            self._drop_dead_jobs()
-            joining = self._select_rows(manager.model_id, free, behind_others=False) if self._pending else []
+        joining = self.scheduler.joiners(manager.model_id, self.settings.max_batch_size - len(batch.rows))
         if joining:
             try:
                 batch.add(joining)
             except Exception as exc:  # noqa: BLE001 - only the joining requests fail
                 batch.fail_joining(self._generation_error(exc))
 
-    def _row_left(self, job: Job) -> None:
-        """A row of `job` left the batch (ended, stopped, or failed); release the job once it has no row left."""
-        with self._cond:
-            job.running_rows -= 1
-            if job.over and job.running_rows == 0:
-                self._release(job)
-
     def _run_task(self, task: ModelTask) -> None:
-        manager = self.manager(task.model_id)
+        manager = self.models.get(task.model_id)
         try:
-            self._load(manager)
+            self._ready(manager)
             with torch.inference_mode():
                 result = task.fn(manager.tts)
             manager.last_used = time.monotonic()
@@ -3819,19 +3889,25 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             task.settle(None, self._generation_error(exc))
 
-    def _fail_model_jobs(self, model_id: str, jobs: Any, reason: str) -> None:
-        """A model that cannot load fails its batch and every queued job waiting for it; the next request retries."""
-        error = ModelUnavailable(reason)
-        with self._cond:
-            waiting = [job for job in self._pending if job.model_id == model_id]
-        for job in [*jobs, *waiting]:
-            job.fail(error)
-        self.metrics.model_loaded(False)
+    def _seconds_until_idle_unload(self) -> Optional[float]:
+        if self.settings.idle_timeout <= 0:
+            return None
+        loaded = [m.last_used for m in self.models.all() if m.tts is not None]
+        if not loaded:
+            return None
+        return min(loaded) + self.settings.idle_timeout - time.monotonic()
+
+    def _unload_idle(self) -> None:
+        now = time.monotonic()
+        for manager in self.models.all():
+            if manager.tts is not None and now - manager.last_used >= self.settings.idle_timeout:
+                manager.unload()
+        self.metrics.model_loaded(any(m.tts is not None for m in self.models.all()))
 
     def _beat(self, step_seconds: Optional[float]) -> None:
         self.heartbeat = time.monotonic()
         if step_seconds is not None:
-            self._step_seconds = 0.9 * self._step_seconds + 0.1 * step_seconds
+            self.scheduler.record_step(step_seconds)
 
     @staticmethod
     def _generation_error(exc: BaseException) -> ServiceError:
@@ -3840,6 +3916,70 @@ class Engine:
             return OutOfMemory()
         logger.opt(exception=exc).error("synthesis failed")
         return SynthesisFailed(f"synthesis failed: {type(exc).__name__}: {exc}")
+
+
+# ---- engine: what the HTTP layer uses
+class Engine:
+    """The engine as the rest of the server sees it: the scheduler admits and orders the work, the model worker
+    runs it, the model managers load and unload the models."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.models = Models(settings)
+        self.scheduler = Scheduler(settings, metrics)
+        self.worker = ModelWorker(settings, metrics, self.scheduler, self.models)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail everything admitted (ShuttingDown), then wait up to `timeout` for the model thread to unload."""
+        self.scheduler.stop()
+        self.worker.join(timeout)
+
+    def drain(self) -> None:
+        """Stop admitting: new jobs and model tasks get ShuttingDown; those admitted already run on to their end."""
+        self.scheduler.drain()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it at once (QueueFull with Retry-After, ShuttingDown)."""
+        self.scheduler.submit(job)
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: stop the job's work within a step and release everything it holds."""
+        self.scheduler.cancel(job)
+
+    async def call(self, model_id: str, fn: Callable[[Any], Any], timeout: float) -> Any:
+        """Run fn(model) on the model thread, once the model is loaded, before the next step; return its result."""
+        loop = asyncio.get_running_loop()
+        task = ModelTask(model_id, fn, loop.create_future(), loop)
+        self.scheduler.submit_task(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task.future), timeout)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"the model did not answer within {timeout:g}s") from None
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth
+
+    def manager(self, model_id: Optional[str] = None) -> ModelManager:
+        """The model's manager (made on first use): what the model can do (describe), its state, its model."""
+        return self.models.get(model_id)
+
+    def model_snapshot(self, model_id: Optional[str] = None) -> dict:
+        """The model's state for /health; read-only (no manager is made for a model never used)."""
+        return self.models.snapshot(model_id)
+
+    @property
+    def busy_since(self) -> Optional[float]:
+        """When the running batch started; None while no batch runs."""
+        return self.worker.busy_since
+
+    @property
+    def heartbeat(self) -> float:
+        """When the model thread last showed life: a batch started, or one of its steps ended."""
+        return self.worker.heartbeat
 
 
 # ---- audio: encoders, speed, resampling, decoding
@@ -4394,12 +4534,9 @@ class Synthesis:
     def __init__(self, server: Server, plan: SpeechPlan, streaming: bool):
         s = server.settings
         self.server, self.plan = server, plan
-        self.job = Job(model_id=plan.model_id, segments=list(plan.segments), budgets=list(plan.budgets),
-                       speaker=plan.speaker, language=plan.language, instructions=plan.instructions,
-                       sampling=plan.sampling,
-                       first_chunk_frames=s.stream_first_chunk_frames if streaming else BUFFERED_CHUNK_FRAMES,
+        self.job = Job(plan, first_chunk_frames=s.stream_first_chunk_frames if streaming else BUFFERED_CHUNK_FRAMES,
                        chunk_frames=s.stream_chunk_frames if streaming else BUFFERED_CHUNK_FRAMES,
-                       timeout=s.request_timeout, loop=asyncio.get_running_loop(), voice_prompt=plan.voice_prompt)
+                       timeout=s.request_timeout, loop=asyncio.get_running_loop())
         server.engine.submit(self.job)
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
@@ -4749,7 +4886,7 @@ class Server:
             "voice_cache_size": len(self.prompts),
             "voice_cache_max": self.prompts.max_entries,
             "voice_cache_hits": self.prompts.hits,
-            "models": [{"role": role, **self.engine.manager(model_id).snapshot()} for role, model_id in (
+            "models": [{"role": role, **self.engine.model_snapshot(model_id)} for role, model_id in (
                 ("default", self.settings.model_id), ("base", self.settings.base_model_id),
                 ("voice_design", self.settings.voice_design_model_id))],
             "uptime_s": round(time.time() - self.started, 1),

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -57,14 +58,12 @@ from server import (  # noqa: E402  # noqa: E402
     split_segments,
     token_budget,
 )
+from testkit import build_checkpoints, tone  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> str:
-    from build_tiny_checkpoints import build_all
-
-    build_all(ROOT / "build" / "checkpoints")
-    return str(ROOT / "build" / "checkpoints" / "tiny-0.6B-CustomVoice")
+    return str(build_checkpoints(ROOT / "build" / "checkpoints") / "tiny-0.6B-CustomVoice")
 
 
 @pytest.fixture(scope="session")
@@ -141,14 +140,6 @@ def test_the_engine_imports_without_the_libraries_only_some_requests_need():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_a_draining_engine_admits_nothing_new(tiny_dir):
-    engine = Engine(Settings(model_id=tiny_dir), Metrics(tiny_dir))
-    engine.drain()
-    with pytest.raises(server.ShuttingDown):
-        engine.submit(make_job(None, model_id=tiny_dir))
-    assert engine.queue_depth == 0
 
 
 # ---- requests, voices, languages
@@ -296,44 +287,216 @@ def test_less_context_than_the_receptive_field_would_be_audible(codec, monkeypat
     assert np.max(np.abs(streamed - reference)) > 1e-3
 
 
-# ---- jobs and the engine, on the real tiny model
-def make_job(loop, segments=("Hello there.",), budgets=(12,), **kw) -> Job:
-    """A job as Synthesis makes one; loop None makes a job whose events go nowhere."""
-    defaults = dict(model_id="m", speaker="vivian", language="english", instructions=None, sampling=Sampling(seed=1),
-                    first_chunk_frames=4, chunk_frames=4, timeout=60, loop=loop)
-    defaults.update(kw)
-    return Job(segments=list(segments), budgets=list(budgets), **defaults)
+# ---- jobs, the scheduler and the engine (the engine tests run the real tiny model)
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
-def drain(job: Job) -> asyncio.Future:
-    async def collect():
-        chunks = []
-        while True:
-            kind, payload = await job.next_event(30)
-            if kind == "audio":
-                chunks.append(payload)
-            elif kind == "error":
-                raise payload
-            else:
-                return chunks
-    return collect()
+def make_job(segments=("Hello there.",), budgets=(12,), *, timeout: float = 600, chunk_frames: int = 4,
+             job_class: type[Job] = Job, **plan_changes) -> Job:
+    """A job as Synthesis makes one, from make_plan's plan with these changes. Inside a running event loop its events
+    go to that loop; outside one (the scheduler's tests) nowhere."""
+    plan_changes = {"speaker": "vivian", "sampling": Sampling(seed=1), **plan_changes}
+    plan = make_plan(text=" ".join(segments), segments=tuple(segments), budgets=tuple(budgets), **plan_changes)
+    return job_class(plan, first_chunk_frames=4, chunk_frames=chunk_frames, timeout=timeout, loop=running_loop())
 
 
-def test_job_emits_segments_in_order_whatever_order_they_finish():
-    async def scenario():
-        job = make_job(asyncio.get_running_loop(), segments=("a", "b", "c"), budgets=(1, 1, 1))
-        job.emit_audio(2, np.full(2, 2.0, np.float32))
-        job.emit_audio(1, np.full(2, 1.0, np.float32))
-        job.end_segment(2)
-        job.emit_audio(0, np.full(2, 0.0, np.float32))
-        job.end_segment(1)
-        job.end_segment(0)
-        return [c[0] for c in await drain(job)], job.state
+async def audio_of(job: Job, started: asyncio.Event | None = None) -> np.ndarray:
+    """All of a job's audio in order; an error event raises its error. `started` is set at the first chunk. The
+    bound per event only stops a hang."""
+    chunks = []
+    while True:
+        kind, payload = await job.next_event(300)
+        if kind == "audio":
+            chunks.append(payload)
+            if started is not None:
+                started.set()
+        elif kind == "error":
+            raise payload
+        else:
+            return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
-    values, state = asyncio.run(scenario())
-    assert values == [0.0, 1.0, 2.0] and state == "done"
+
+async def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Wait for a state the model thread reaches; the bound only stops a hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.01)
 
 
+class GatedJob(Job):
+    """A job that holds the model thread at its first chunk until `gate` is set: the batch is then certainly running
+    (and stays so) while a test submits the requests that are to join it."""
+
+    gate: threading.Event
+
+    def emit_audio(self, segment: int, pcm: np.ndarray) -> None:
+        super().emit_audio(segment, pcm)
+        assert self.gate.wait(300), "the test never opened the gate"
+
+
+def gated_job(**kw) -> GatedJob:
+    job = make_job(job_class=GatedJob, **kw)
+    job.gate = threading.Event()
+    return job
+
+
+@pytest.mark.anyio
+async def test_job_emits_segments_in_order_whatever_order_they_finish():
+    job = make_job(segments=("a", "b", "c"), budgets=(1, 1, 1))
+    job.emit_audio(2, np.full(2, 2.0, np.float32))
+    job.emit_audio(1, np.full(2, 1.0, np.float32))
+    job.end_segment(2)
+    job.emit_audio(0, np.full(2, 0.0, np.float32))
+    job.end_segment(1)
+    job.end_segment(0)
+    assert (await audio_of(job))[::2].tolist() == [0.0, 1.0, 2.0] and job.state == "done"
+
+
+def test_a_job_is_built_from_its_plan():
+    plan = make_plan(segments=("One.", "Two."), budgets=(5, 7), sampling=Sampling(seed=3), instructions="calm")
+    job = Job(plan, first_chunk_frames=4, chunk_frames=8, timeout=10, loop=None)
+    assert (job.plan, job.model_id, job.segments, job.budgets, job.speaker, job.language, job.instructions,
+            job.sampling, job.voice_prompt) == (plan, "m", ("One.", "Two."), (5, 7), "ryan", "english", "calm",
+                                                Sampling(seed=3), None)
+    assert list(job.pending_segments) == [0, 1] and job.remaining_frames() == 12 and job.state == "queued"
+
+
+# -- the scheduler's policy, driven through its own interface: no thread, no model, its own clock
+@pytest.fixture()
+def scheduler() -> server.Scheduler:
+    settings = Settings(model_id="a", max_batch_size=8, batch_wait_ms=50, max_queue_depth=5)
+    return server.Scheduler(settings, Metrics("a"))
+
+
+def later(seconds: float = 1.0) -> float:
+    """A clock reading `seconds` after every job made so far: their batch window has closed."""
+    return time.monotonic() + seconds
+
+
+def test_the_first_request_waits_the_batch_window_unless_the_batch_is_full(scheduler):
+    first = make_job(model_id="a")
+    scheduler.submit(first)
+    wait = scheduler.next_work(now=first.created + 0.01)
+    assert isinstance(wait, server.Wait) and wait.seconds == pytest.approx(0.04)
+    assert scheduler.next_work(now=first.created + 0.05) == [(first, 0)]
+    assert first.state == "running" and scheduler.next_work() == server.Wait(None)
+    full = make_job(model_id="a", segments=("x",) * 8, budgets=(1,) * 8)
+    scheduler.submit(full)
+    assert scheduler.next_work(now=full.created) == [(full, segment) for segment in range(8)]   # no waiting
+
+
+def test_only_rows_ahead_of_another_models_request_join_a_running_batch(scheduler):
+    jobs = [make_job(model_id=model) for model in ("a", "a", "b", "a")]
+    for job in jobs:
+        scheduler.submit(job)
+    assert [job for job, _ in scheduler.joiners("a", 8)] == jobs[:2]   # the last "a" waits until "b" had its turn
+    assert [job for job, _ in scheduler.next_work(later())] == [jobs[2]]  # the next batch is the oldest's: "b"
+    assert [job for job, _ in scheduler.next_work(later())] == [jobs[3]]
+
+
+def test_a_free_row_goes_to_a_new_request_before_another_segment_of_a_running_one(scheduler):
+    long = make_job(model_id="a", segments=("One.", "Two.", "Three."), budgets=(5, 5, 5))
+    new = make_job(model_id="a")
+    scheduler.submit(long)
+    assert scheduler.joiners("a", 1) == [(long, 0)]
+    scheduler.submit(new)
+    assert scheduler.joiners("a", 1) == [(new, 0)]
+    assert scheduler.joiners("a", 2) == [(long, 1), (long, 2)]
+    assert scheduler.joiners("a", 8) == []
+
+
+def test_no_row_joins_a_running_batch_with_continuous_batching_off():
+    scheduler = server.Scheduler(Settings(model_id="a", continuous_batching=False), Metrics("a"))
+    job = make_job(model_id="a")
+    scheduler.submit(job)
+    assert scheduler.joiners("a", 4) == []
+    assert scheduler.next_work(later()) == [(job, 0)]
+
+
+def test_model_tasks_run_before_batches(scheduler):
+    scheduler.submit(make_job(model_id="a"))
+    task = server.ModelTask("a", lambda tts: None, None, None)
+    scheduler.submit_task(task)
+    assert scheduler.next_work(later()) is task
+    assert scheduler.take_task() is None and isinstance(scheduler.next_work(later()), list)
+
+
+def test_a_job_leaves_the_queue_once_its_last_row_is_gone(scheduler):
+    job = make_job(model_id="a", segments=("One.", "Two."), budgets=(5, 5))
+    scheduler.submit(job)
+    assert scheduler.queue_depth == 1
+    assert scheduler.joiners("a", 1) == [(job, 0)]
+    scheduler.cancel(job)                      # a row still generates: the job stops counting, its row rides along
+    assert job.state == "cancelled" and scheduler.queue_depth == 0
+    assert scheduler.joiners("a", 8) == [] and scheduler.next_work(later()) == server.Wait(None)
+    scheduler.row_left(job)
+    assert scheduler.queue_depth == 0 and scheduler.next_work(later()) == server.Wait(None)
+
+
+def test_a_full_queue_refuses_with_retry_after_from_the_frames_left(scheduler):
+    for _ in range(5):
+        scheduler.submit(make_job(model_id="a", budgets=(40,)))
+    with pytest.raises(server.QueueFull) as err:
+        scheduler.submit(make_job(model_id="a"))
+    error = server.api_error(err.value)
+    assert error.status == 503 and error.code == "queue_full" and "MAX_QUEUE_DEPTH" in error.message
+    # 5 jobs x 40 frames spread over 8 rows, 0.1 s a step (the first guess): 2.5 s, rounded up
+    assert error.headers["Retry-After"] == "3" and scheduler.retry_after() == 3
+    for _ in range(100):
+        scheduler.record_step(1.0)             # the steps turn out slow: the wait grows with them
+    assert scheduler.retry_after() == 25
+
+
+@pytest.mark.anyio
+async def test_a_waiting_job_past_its_deadline_times_out(scheduler):
+    job = make_job(model_id="a", timeout=5)
+    scheduler.submit(job)
+    assert scheduler.next_work(now=job.created + 6) == server.Wait(None)   # it times out instead of running
+    assert scheduler.queue_depth == 0
+    with pytest.raises(server.TimedOut, match="waited longer than REQUEST_TIMEOUT=5s"):
+        await audio_of(job)
+
+
+def test_a_model_that_cannot_load_fails_only_its_own_waiting_jobs(scheduler):
+    a, b = make_job(model_id="a"), make_job(model_id="b")
+    scheduler.submit(a)
+    scheduler.submit(b)
+    scheduler.fail_waiting("b", server.ModelUnavailable("no"))
+    assert (a.state, b.state, scheduler.queue_depth) == ("queued", "failed", 1)
+    assert scheduler.next_work(later()) == [(a, 0)]
+
+
+def test_a_draining_engine_admits_nothing_new_and_a_stopped_one_fails_what_it_has(tiny_dir):
+    engine = Engine(Settings(model_id=tiny_dir), Metrics(tiny_dir))
+    admitted = make_job(model_id=tiny_dir)
+    engine.submit(admitted)
+    engine.drain()
+    with pytest.raises(server.ShuttingDown):
+        engine.submit(make_job(model_id=tiny_dir))
+    with pytest.raises(server.ShuttingDown):
+        asyncio.run(engine.call(tiny_dir, lambda tts: None, timeout=5))
+    assert engine.queue_depth == 1 and admitted.state == "queued"        # what was admitted runs on
+    engine.stop()
+    assert admitted.state == "failed" and engine.queue_depth == 0
+    assert engine.scheduler.next_work() is None
+
+
+def test_health_makes_no_model_managers(tiny_dir):
+    app_server = server.Server(Settings(model_id=tiny_dir))
+    health = app_server.health()
+    settings = app_server.settings
+    assert [m["model_id"] for m in health["models"]] == [tiny_dir, settings.base_model_id,
+                                                        settings.voice_design_model_id]
+    assert {m["state"] for m in health["models"]} == {"unloaded"}
+    assert [m.model_id for m in app_server.engine.models.all()] == [tiny_dir]
+
+
+# -- the engine: the model worker running the real tiny model
 @pytest.fixture()
 def engine(tiny_dir):
     settings = Settings(model_id=tiny_dir, dtype="float32", warmup=False, max_batch_size=4, batch_wait_ms=50,
@@ -344,272 +507,152 @@ def engine(tiny_dir):
     eng.stop()
 
 
-def test_engine_batches_jobs_and_each_gets_its_whole_budget(engine, tiny_dir):
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        jobs = [make_job(loop, model_id=tiny_dir, budgets=(10 + i,), sampling=Sampling()) for i in range(3)]
-        for job in jobs:
-            engine.submit(job)
-        results = await asyncio.gather(*(drain(job) for job in jobs))
-        return [sum(c.size for c in chunks) for chunks in results], [j.output_frames for j in jobs]
-
-    samples, frames = asyncio.run(scenario())
-    assert frames == [10, 11, 12] and samples == [f * 1920 for f in frames]
-    assert engine.queue_depth == 0
+async def batches(engine: Engine) -> tuple[float, float]:
+    """(batches run, their rows at peak summed), from the tts_batch_size histogram, once no batch runs."""
+    await until(lambda: engine.busy_since is None, "the batch to end")
+    sample = engine.metrics.registry.get_sample_value
+    return sample("tts_batch_size_count"), sample("tts_batch_size_sum")
 
 
-def test_cancelling_one_job_of_a_batch_finishes_the_others(engine, tiny_dir):
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        keep = make_job(loop, model_id=tiny_dir, budgets=(30,), sampling=Sampling())
-        drop = make_job(loop, model_id=tiny_dir, budgets=(200,), sampling=Sampling())
-        engine.submit(keep)
-        engine.submit(drop)
-        kind, _ = await drop.next_event(30)                # the batch is running
-        assert kind == "audio"
-        engine.cancel(drop)
-        chunks = await drain(keep)
-        return sum(c.size for c in chunks), drop.output_frames
-
-    samples, dropped_frames = asyncio.run(scenario())
-    assert samples == 30 * 1920
-    assert dropped_frames < 200                             # the cancelled row stopped early
-    deadline = time.monotonic() + 10
-    while engine.queue_depth and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.queue_depth == 0
-
-
-def test_a_full_queue_refuses_with_retry_after(engine, tiny_dir):
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        jobs = [make_job(loop, model_id=tiny_dir, budgets=(40,)) for _ in range(3)]
-        for job in jobs:
-            engine.submit(job)
-        with pytest.raises(server.QueueFull) as err:
-            engine.submit(make_job(loop, model_id=tiny_dir))
-        for job in jobs:
-            engine.cancel(job)
-        return server.api_error(err.value)
-
-    error = asyncio.run(scenario())
-    assert error.status == 503 and int(error.headers["Retry-After"]) >= 1 and error.code == "queue_full"
-
-
-def test_batched_output_equals_unbatched_output_for_the_same_seed(engine, tiny_dir):
-    async def alone():
-        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42))
+@pytest.mark.anyio
+async def test_engine_batches_jobs_and_each_gets_its_whole_budget(engine, tiny_dir):
+    jobs = [make_job(model_id=tiny_dir, budgets=(10 + i,), sampling=Sampling()) for i in range(3)]
+    for job in jobs:
         engine.submit(job)
-        return np.concatenate(await drain(job))
-
-    async def in_a_batch():
-        loop = asyncio.get_running_loop()
-        jobs = [make_job(loop, model_id=tiny_dir, segments=("Another, longer text.",), budgets=(30,),
-                         speaker="ryan", sampling=Sampling(temperature=0.6, top_p=0.8)),
-                make_job(loop, model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42)),
-                make_job(loop, model_id=tiny_dir, segments=("Third.",), budgets=(12,), speaker="sohee",
-                         sampling=Sampling(seed=7, temperature=1.3))]
-        for job in jobs:
-            engine.submit(job)
-        results = await asyncio.gather(*(drain(job) for job in jobs))
-        return np.concatenate(results[1])
-
-    reference = asyncio.run(alone())
-    batched = asyncio.run(in_a_batch())
-    np.testing.assert_array_equal(batched, reference)      # batching changes speed, not audio
+    audio = [await audio_of(job) for job in jobs]
+    assert [j.output_frames for j in jobs] == [10, 11, 12] and [a.size for a in audio] == [f * 1920 for f in
+                                                                                          (10, 11, 12)]
+    assert engine.queue_depth == 0
 
 
-async def collect(job: Job, started: asyncio.Event) -> np.ndarray:
-    """All of a job's audio; `started` is set at its first chunk."""
-    chunks = []
-    while True:
-        kind, payload = await job.next_event(30)
-        if kind == "audio":
-            chunks.append(payload)
-            started.set()
-        elif kind == "error":
-            raise payload
-        else:
-            return np.concatenate(chunks)
+@pytest.mark.anyio
+async def test_cancelling_one_job_of_a_batch_finishes_the_others(engine, tiny_dir):
+    keep = make_job(model_id=tiny_dir, budgets=(30,), sampling=Sampling())
+    drop = make_job(model_id=tiny_dir, budgets=(2000,), sampling=Sampling())
+    engine.submit(keep)
+    engine.submit(drop)
+    kind, _ = await drop.next_event(300)                     # the batch is running
+    assert kind == "audio"
+    engine.cancel(drop)
+    assert (await audio_of(keep)).size == 30 * 1920
+    assert drop.output_frames < 2000                         # the cancelled row stopped early
+    await until(lambda: engine.queue_depth == 0, "the queue to empty")
 
 
-def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
+@pytest.mark.anyio
+async def test_batched_output_equals_unbatched_output_for_the_same_seed(engine, tiny_dir):
+    alone = make_job(model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42))
+    engine.submit(alone)
+    reference = await audio_of(alone)
+    jobs = [make_job(model_id=tiny_dir, segments=("Another, longer text.",), budgets=(30,), speaker="ryan",
+                     sampling=Sampling(temperature=0.6, top_p=0.8)),
+            make_job(model_id=tiny_dir, budgets=(20,), sampling=Sampling(seed=42)),
+            make_job(model_id=tiny_dir, segments=("Third.",), budgets=(12,), speaker="sohee",
+                     sampling=Sampling(seed=7, temperature=1.3))]
+    for job in jobs:
+        engine.submit(job)
+    batched = [await audio_of(job) for job in jobs]
+    np.testing.assert_array_equal(batched[1], reference)    # batching changes speed, not audio
+
+
+@pytest.mark.anyio
+async def test_requests_join_a_running_batch_and_no_audio_changes(engine, tiny_dir):
     """Continuous batching: rows that arrive while a batch runs join it at the next step (one with a prefill longer
-    than the batch's cache so far, one shorter), finish before it, and every row's audio is what it is alone."""
+    than the batch's cache so far, one shorter), and every row's audio is what it is alone."""
     running = dict(segments=("Hi.",), budgets=(120,), sampling=Sampling(seed=5))
     longer = dict(segments=("A much longer sentence, whose prefill is longer than the running row's cache.",),
                   budgets=(15,), speaker="ryan", sampling=Sampling(seed=6))
     shorter = dict(segments=("Yes.",), budgets=(15,), speaker="sohee", sampling=Sampling(seed=7, temperature=0.5))
-
-    async def alone(kw):
-        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, **kw)
+    references = []
+    for kw in (running, longer, shorter):
+        job = make_job(model_id=tiny_dir, **kw)
         engine.submit(job)
-        return await collect(job, asyncio.Event())
+        references.append(await audio_of(job))
+    assert references[0].size == 120 * 1920                 # the running row really runs its whole budget
+    before = await batches(engine)
 
-    async def joined():
-        loop = asyncio.get_running_loop()
-        first = make_job(loop, model_id=tiny_dir, **running)
-        started = asyncio.Event()
-        engine.submit(first)
-        first_audio = asyncio.ensure_future(collect(first, started))
-        await started.wait()                                  # the batch is running
-        frames_at_join = first.output_frames
-        rows_while_running = engine.metrics.registry.get_sample_value("tts_batch_rows")
-        late = [make_job(loop, model_id=tiny_dir, **kw) for kw in (longer, shorter)]
-        for job in late:
-            engine.submit(job)
-        late_audio = await asyncio.gather(*(collect(job, asyncio.Event()) for job in late))
-        frames_when_late_done = first.output_frames
-        assert rows_while_running >= 1
-        return await first_audio, late_audio, frames_at_join, frames_when_late_done
-
-    references = [asyncio.run(alone(kw)) for kw in (running, longer, shorter)]
-    assert references[0].size == 120 * 1920                  # the running row really runs its whole budget
-    first, late, frames_at_join, frames_when_late_done = asyncio.run(joined())
-    assert frames_when_late_done < 120, "the late requests waited for the running batch to finish"
-    assert frames_when_late_done - frames_at_join < 60
-    np.testing.assert_array_equal(first, references[0])
-    np.testing.assert_array_equal(late[0], references[1])
-    np.testing.assert_array_equal(late[1], references[2])
+    first = gated_job(model_id=tiny_dir, **running)
+    engine.submit(first)
+    first_audio = asyncio.ensure_future(audio_of(first))
+    await until(lambda: first.output_frames, "the batch to run")    # the model thread waits at the gate
+    late = [make_job(model_id=tiny_dir, **kw) for kw in (longer, shorter)]
+    for job in late:
+        engine.submit(job)
+    first.gate.set()
+    late_audio = [await audio_of(job) for job in late]
+    np.testing.assert_array_equal(await first_audio, references[0])
+    np.testing.assert_array_equal(late_audio[0], references[1])
+    np.testing.assert_array_equal(late_audio[1], references[2])
+    count, rows = await batches(engine)
+    assert (count - before[0], rows - before[1]) == (1, 3), "the late requests did not join the running batch"
     assert engine.queue_depth == 0
-    deadline = time.monotonic() + 10
-    while engine.metrics.registry.get_sample_value("tts_batch_rows") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.metrics.registry.get_sample_value("tts_batch_rows") == 0
+    await until(lambda: engine.metrics.registry.get_sample_value("tts_batch_rows") == 0, "the rows gauge to drop")
 
 
-def test_a_request_that_fails_to_join_fails_alone(engine, tiny_dir):
+@pytest.mark.anyio
+async def test_a_request_that_fails_to_join_fails_alone(engine, tiny_dir):
     """A row whose prefill fails (here a speaker the model does not know, which validation would normally stop)
     fails its own request; the batch it tried to join goes on and its audio is whole."""
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        running = make_job(loop, model_id=tiny_dir, budgets=(60,), sampling=Sampling(seed=5))
-        started = asyncio.Event()
-        engine.submit(running)
-        audio = asyncio.ensure_future(collect(running, started))
-        await started.wait()
-        bad = make_job(loop, model_id=tiny_dir, speaker="nobody")
-        engine.submit(bad)
-        with pytest.raises(server.SynthesisFailed) as err:
-            await collect(bad, asyncio.Event())
-        return server.api_error(err.value), running.output_frames, await audio
-
-    error, frames_when_bad_failed, audio = asyncio.run(scenario())
+    running = gated_job(model_id=tiny_dir, budgets=(60,), sampling=Sampling(seed=5))
+    engine.submit(running)
+    audio = asyncio.ensure_future(audio_of(running))
+    await until(lambda: running.output_frames, "the batch to run")
+    bad = make_job(model_id=tiny_dir, speaker="nobody")
+    engine.submit(bad)
+    running.gate.set()
+    with pytest.raises(server.SynthesisFailed) as err:
+        await audio_of(bad)
+    error = server.api_error(err.value)
     assert error.status == 500 and "nobody" in error.message
-    assert frames_when_bad_failed < 60                       # it failed while the batch was running
-    assert audio.size == 60 * 1920
+    assert (await audio).size == 60 * 1920
+    assert (await batches(engine))[0] == 1          # it failed joining the running batch, not in a batch of its own
     assert engine.queue_depth == 0
 
 
-def test_only_rows_ahead_of_another_models_request_join_a_running_batch(tiny_dir):
-    engine = Engine(Settings(model_id=tiny_dir, max_batch_size=8), Metrics(tiny_dir))
-    jobs = [make_job(None, model_id=model) for model in ("a", "a", "b", "a")]
-    for job in jobs:
-        engine.submit(job)
-    with engine._cond:
-        joining = engine._select_rows("a", 8, behind_others=False)
-    assert [job for job, _ in joining] == jobs[:2]          # the last "a" waits until "b" has had its turn
-    with engine._cond:
-        assert [job for job, _ in engine._select_rows()] == [jobs[2]]   # the next batch is the oldest: "b"
-        assert [job for job, _ in engine._select_rows()] == [jobs[3]]
+@pytest.mark.anyio
+async def test_a_job_past_its_deadline_times_out(engine, tiny_dir):
+    job = make_job(model_id=tiny_dir, budgets=(2000,), timeout=1.0)
+    engine.submit(job)
+    with pytest.raises(server.TimedOut) as err:
+        await audio_of(job)
+    assert server.api_error(err.value).status == 504 and job.output_frames < 2000
+    await until(lambda: engine.queue_depth == 0, "the queue to empty")
 
 
-def test_a_free_row_goes_to_a_new_request_before_another_segment_of_a_running_one(tiny_dir):
-    engine = Engine(Settings(model_id=tiny_dir, max_batch_size=8), Metrics(tiny_dir))
-    long = make_job(None, model_id="a", segments=("One.", "Two.", "Three."), budgets=(5, 5, 5))
-    new = make_job(None, model_id="a")
-    engine.submit(long)
-    with engine._cond:
-        assert engine._select_rows("a", 1, behind_others=False) == [(long, 0)]
-    engine.submit(new)
-    with engine._cond:
-        assert engine._select_rows("a", 1, behind_others=False) == [(new, 0)]
-        assert engine._select_rows("a", 2, behind_others=False) == [(long, 1), (long, 2)]
+@pytest.mark.anyio
+async def test_a_batch_that_starts_is_not_reported_stalled(engine, tiny_dir, monkeypatch):
+    """/health calls the model thread stalled when a batch runs and the heartbeat is old: a batch starting after a
+    long idle time must not look stalled while its first rows are prefilled."""
+    seen = []
+    add = server.DecodeBatch.add
+
+    def record(batch, pairs):
+        seen.append((engine.busy_since, engine.heartbeat))
+        return add(batch, pairs)
+
+    monkeypatch.setattr(server.DecodeBatch, "add", record)
+    engine.worker.heartbeat = time.monotonic() - 3600        # an hour without work
+    job = make_job(model_id=tiny_dir)
+    engine.submit(job)
+    await audio_of(job)
+    busy_since, heartbeat = seen[0]
+    assert busy_since is not None and heartbeat >= busy_since
 
 
-def test_unseeded_requests_differ():
-    assert Sampling().row_seed(0) != Sampling().row_seed(0)
-    assert Sampling(seed=1).row_seed(0) == Sampling(seed=1).row_seed(0) != Sampling(seed=1).row_seed(1)
+def greedy_job(model_id: str, **kw) -> Job:
+    return make_job(model_id=model_id, segments=("Hello there, this is a test.",), budgets=(30,),
+                    sampling=Sampling(temperature=0), chunk_frames=16, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.9, 50, 1.0), (0.7, 50, 0.8), (1.3, 5, 0.5),
-                                                       (1.0, 0, 0.95), (0.5, 3000, 1.0)])
-def test_sampling_distribution_matches_the_transformers_warpers(temperature, top_k, top_p):
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    scores = torch.randn(3, 3072, generator=torch.Generator().manual_seed(0)) * 3
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
-                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
-                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
-    expected = warpers(None, scores.clone()).softmax(-1)
-    ours = server.token_probabilities(scores, torch.full((3,), temperature), top_k, torch.full((3,), top_p))
-    torch.testing.assert_close(ours, expected)
-
-
-def test_pick_tokens_follows_each_rows_distribution_and_greedy_rows_take_the_maximum():
-    scores = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])).repeat(2, 1)
-    temperature = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.zeros(4, 3)
-    for _ in range(4000):
-        tokens = server.pick_tokens(scores, temperature, 0, torch.ones(4), torch.rand(4, generator=generator))
-        counts[torch.arange(4), tokens] += 1
-    frequencies = counts / 4000
-    torch.testing.assert_close(frequencies[0], torch.tensor([0.1, 0.2, 0.7]), atol=0.03, rtol=0)
-    torch.testing.assert_close(frequencies[1], torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
-    assert frequencies[2].tolist() == [0, 0, 1] and frequencies[3].tolist() == [1, 0, 0]
-
-
-def test_batch_sampler_keeps_the_librarys_rules():
-    eos, vocab = 2150, 3072
-    sampler = server.BatchSampler([Sampling(seed=1), Sampling(seed=2)], [1, 2], {"repetition_penalty": 1.05},
-                                  eos, vocab, torch.device("cpu"))
-    favour_eos = torch.full((2, vocab), -5.0)
-    favour_eos[:, eos] = 50.0
-    favour_eos[:, 3000] = 60.0                     # a control token: suppressed even though it is the best
-    for step in range(2):                          # no end of speech before two frames
-        assert eos not in sampler.first_codes(favour_eos, step).tolist()
-    assert sampler.first_codes(favour_eos, 2).tolist() == [eos, eos]
-    assert sampler.seen[:, eos].all()              # chosen tokens are remembered for the repetition penalty
-    codes = sampler.sub_codes(torch.randn(2, 2048))
-    assert codes.shape == (2,) and int(codes.max()) < 2048
-
-
-def test_a_job_past_its_deadline_times_out(engine, tiny_dir):
-    async def scenario():
-        job = make_job(asyncio.get_running_loop(), model_id=tiny_dir, budgets=(2000,), timeout=1.0)
-        engine.submit(job)
-        with pytest.raises(server.TimedOut) as err:
-            await drain(job)
-        return server.api_error(err.value), job.output_frames
-
-    error, frames = asyncio.run(scenario())
-    assert error.status == 504 and frames < 2000
-    deadline = time.monotonic() + 10
-    while engine.queue_depth and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.queue_depth == 0
-
-
-def _greedy_job(loop, model_id, **kw) -> Job:
-    return Job(model_id=model_id, segments=["Hello there, this is a test."], budgets=[30], language="english",
-               instructions=kw.pop("instructions", None), sampling=Sampling(temperature=0), first_chunk_frames=4,
-               chunk_frames=16, timeout=120, loop=loop, **kw)
-
-
-def _run_engine(model_id: str, make_job) -> np.ndarray:
+def run_engine(model_id: str, job_kw: dict) -> np.ndarray:
     engine = Engine(Settings(model_id=model_id, dtype="float32", warmup=False, idle_timeout=0), Metrics(model_id))
     engine.start()
+
+    async def scenario():
+        job = greedy_job(model_id, **job_kw)
+        engine.submit(job)
+        return await audio_of(job)
     try:
-        async def scenario():
-            job = make_job(asyncio.get_running_loop())
-            engine.submit(job)
-            return np.concatenate(await drain(job))
         return asyncio.run(scenario())
     finally:
         engine.stop()
@@ -626,18 +669,17 @@ def test_the_engine_reproduces_the_library_exactly(tiny_dir, name):
     greedy = {"max_new_tokens": 31, "do_sample": False, "subtalker_dosample": False}
     text = "Hello there, this is a test."
     if name.endswith("CustomVoice"):
-        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker="vivian"))
+        ours = run_engine(model_id, {"speaker": "vivian"})
         expected = library.generate_custom_voice(text=text, speaker="vivian", language="english", **greedy)[0][0]
     elif name.endswith("VoiceDesign"):
-        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker=None,
-                                                              instructions="A deep, calm voice."))
+        ours = run_engine(model_id, {"speaker": None, "instructions": "A deep, calm voice."})
         expected = library.generate_voice_design(text=text, instruct="A deep, calm voice.", language="english",
                                                  **greedy)[0][0]
     else:
         reference = (np.random.default_rng(0).standard_normal(24000 * 3) * 0.1).astype(np.float32)
         item = library.create_voice_clone_prompt(ref_audio=(reference, 24000), ref_text="A reference sentence.")[0]
         prompt = server.VoicePrompt.from_item(item)
-        ours = _run_engine(model_id, lambda loop: _greedy_job(loop, model_id, speaker=None, voice_prompt=prompt))
+        ours = run_engine(model_id, {"speaker": None, "voice_prompt": prompt})
         expected = library.generate_voice_clone(text=text, language="english", voice_clone_prompt=[item],
                                                 **greedy)[0][0]
     assert ours.shape == expected.shape
@@ -1444,11 +1486,6 @@ def noisy_speechlike(rate: int, seconds: float = 3.0) -> np.ndarray:
     """speechlike() plus a breath-like noise floor, which gives codecs a speech-like bit rate."""
     x = speechlike(rate, seconds)
     return x + 0.02 * np.random.default_rng(5).standard_normal(len(x)).astype(np.float32)
-
-
-def tone(freq: float, rate: int, seconds: float = 3.0, amplitude: float = 0.5) -> np.ndarray:
-    """A sine wave."""
-    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
 
 
 def similarity(reference: np.ndarray, decoded: np.ndarray, max_lag: int = 4000) -> float:

@@ -17,11 +17,19 @@ fi
 .venv/bin/hadolint Dockerfile
 .venv/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
+# PyTorch on one thread in every test process and test server: more threads than free cores make OpenMP spin
+# against the other processes (the unit tests took 261 s with the default threads, 122 s with one, on a busy
+# machine). The E2E suite runs on TEST_WORKERS pytest-xdist workers (default 2, this machine kind's cores); its
+# modules stay whole on one worker (--dist loadscope), so a module's shared server starts once. The unit tests run
+# in one process: two workers each load torch and the model again, and took longer (148 s vs 122 s).
+workers=${TEST_WORKERS:-2}
+export OMP_NUM_THREADS=1
+
 echo "== unit tests"
 $py -m pytest server_test.py -q
 
 echo "== end-to-end tests"
-E2Etest/run_tests.sh --with-server "$@"
+E2Etest/run_tests.sh --with-server -n "$workers" --dist loadscope "$@"
 
 echo "== seed scripts against a live server"
 port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

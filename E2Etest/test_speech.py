@@ -5,16 +5,14 @@ from __future__ import annotations
 import re
 import struct
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import decode, rms
+from conftest import CLIENT_TIMEOUT, FORMATS, decode, rms, wait_for_idle
 
 TEXT = "Hello there, how are you?"
-FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
 DECODED_RATE = {"opus": 48000}          # Opus always decodes at 48 kHz
 # Codecs add a little at the edges (encoder delay, frame padding); the audio itself must be all there.
 TOLERANCE_S = {"mp3": 0.08, "aac": 0.08, "opus": 0.03, "ogg": 0.03, "flac": 0.001, "wav": 0.001, "pcm": 0.001}
@@ -137,26 +135,16 @@ def test_seed_field_instruct_alias_and_unknown_fields_are_accepted(http):
 
 
 def test_health_answers_while_a_synthesis_runs(url, http):
-    done = threading.Event()
-    result = {}
-
-    def long_request():
-        with httpx.Client(base_url=url, timeout=120) as c:
-            result["r"] = c.post("/v1/audio/speech", json={"input": "A somewhat longer sentence to keep the model "
-                                                           "busy for a while, so health is asked meanwhile.",
-                                                           "voice": "alloy", "response_format": "pcm"})
-        done.set()
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    seen_busy = False
-    while not done.is_set():
-        health = http.get("/health", timeout=5).json()
-        seen_busy |= health["busy"] and not done.is_set()
-        time.sleep(0.05)
-    thread.join()
-    assert result["r"].status_code == 200
-    assert seen_busy, "/health never answered while the synthesis was running"
+    long_text = " ".join(["A longer text keeps the model busy while health is asked meanwhile."] * 3)
+    with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as c, \
+            c.stream("POST", "/v1/audio/speech", json={"input": long_text, "voice": "alloy", "response_format": "pcm",
+                                                       "stream_format": "audio"}) as r:
+        chunks = r.iter_raw()                     # keep it: a dropped iterator closes the response
+        next(chunks)                              # the synthesis runs: hundreds of frames are still to come
+        health = http.get("/health").json()
+        rest = b"".join(chunks)
+    assert r.status_code == 200 and len(rest) > 0
+    assert health["status"] == "ok" and health["busy"], "/health did not answer while the synthesis was running"
 
 
 def batch_count(http) -> float:
@@ -174,17 +162,26 @@ def test_batching_changes_speed_not_audio(url, http):
     results: dict = {}
 
     def send(name, b):
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as c:
             results[name] = c.post("/v1/audio/speech", json=b)
 
+    wait_for_idle(http)
     before = batch_count(http)
-    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate([body, *others])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # A long request keeps one batch running (one segment of hundreds of frames) while the three arrive and join it.
+    keeper = {"input": "This one long sentence keeps a batch running " + "and running " * 12 + "until it is dropped.",
+              "voice": "alloy", "response_format": "pcm", "stream_format": "audio"}
+    with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as c, c.stream("POST", "/v1/audio/speech",
+                                                                           json=keeper) as kept:
+        kept_chunks = kept.iter_raw()            # keep it: a dropped iterator closes the response
+        next(kept_chunks)
+        threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate([body, *others])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wait_for_idle(http)                          # the keeper's client is gone: its row stopped, the batch ended
     assert all(r.status_code == 200 for r in results.values())
-    assert batch_count(http) - before < 3, "the three requests did not share a batch"
+    assert batch_count(http) - before == 1, "the three requests did not share the running batch"
     assert results[0].content == alone
 
 
@@ -192,7 +189,7 @@ def test_concurrent_requests_all_succeed_and_release_their_slots(url, http):
     results = []
 
     def one(i):
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as c:
             results.append(c.post("/v1/audio/speech", json={"input": f"Request number {i}.", "voice": "nova",
                                                             "response_format": "wav"}))
 

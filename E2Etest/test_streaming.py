@@ -5,16 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import checkpoint, decode, start_server
+from conftest import CLIENT_TIMEOUT, FORMATS, checkpoint, decode, start_server, wait_for, wait_for_idle
 
 TEXT = "Streaming starts before the sentence is finished."
-FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
 
 
 @pytest.fixture(scope="module")
@@ -122,54 +120,43 @@ def test_streaming_errors_before_audio_are_http_errors(http):
     assert http.get("/health").json()["queue_depth"] == 0
 
 
-def wait_for_idle_queue(http, seconds: float = 15) -> dict:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        health = http.get("/health").json()
-        if health["queue_depth"] == 0 and not health["busy"]:
-            return health
-        time.sleep(0.05)
-    raise AssertionError(f"the queue did not drain: {health}")
-
-
 @pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"])
 def test_a_disconnect_frees_the_queue_slot_and_the_model(url, http, path):
     long_text = " ".join(["This request will be abandoned by its client after the first bytes."] * 4)
     body = {"input": long_text, "voice": "nova", "response_format": "pcm", "stream_format": "audio"}
-    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", path, json=body) as r:
+    with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as c, c.stream("POST", path, json=body) as r:
         chunks = r.iter_raw()                     # keep it: a dropped iterator closes the response
         next(chunks)
         health = http.get("/health").json()
         assert health["queue_depth"] == 1 and health["busy"], health
-    wait_for_idle_queue(http)
+    wait_for_idle(http)
 
 
+@pytest.mark.slow
 def test_a_client_that_gives_up_before_any_audio_releases_its_queued_request():
     # One row at a time, so the second request really waits in the queue (with a free row it would join at once).
-    proc = start_server("one-row", MODEL_ID=checkpoint("tiny-0.6B-CustomVoice"), MAX_BATCH_SIZE="1")
-    long_text = " ".join(["With one row, the next request has to wait for this one."] * 4)
-    try:
-        with httpx.Client(base_url=proc.url, timeout=60) as http, \
-                http.stream("POST", "/v1/audio/speech/stream/pcm",
-                            json={"input": long_text, "voice": "nova", "seed": 1}) as a:
+    long_text = " ".join(["With one row, the next request has to wait for this one."] * 12)
+    with start_server("one-row", MODEL_ID=checkpoint("tiny-0.6B-CustomVoice"), MAX_BATCH_SIZE="1") as proc, \
+            httpx.Client(base_url=proc.url, timeout=CLIENT_TIMEOUT) as http:
+        with http.stream("POST", "/v1/audio/speech/stream/pcm",
+                         json={"input": long_text, "voice": "nova", "seed": 1}) as a:
             a_chunks = a.iter_raw()
-            next(a_chunks)                                      # A holds the model
-            with httpx.Client(base_url=proc.url, timeout=0.5) as b_client, pytest.raises(httpx.ReadTimeout):
+            next(a_chunks)                                      # A holds the model, for hundreds of frames more
+            gives_up = httpx.Timeout(CLIENT_TIMEOUT, read=0.5)          # B waits half a second for audio
+            with httpx.Client(base_url=proc.url, timeout=gives_up) as b_client, pytest.raises(httpx.ReadTimeout):
                 b_client.post("/v1/audio/speech/stream/pcm", json={"input": "Never mind.", "voice": "nova"})
-            deadline = time.monotonic() + 5
-            while http.get("/health").json()["queue_depth"] != 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            health = http.get("/health").json()
-            assert health["queue_depth"] == 1 and health["busy"], health   # only A is left, still running
-        with httpx.Client(base_url=proc.url, timeout=60) as http:
-            wait_for_idle_queue(http)
-    finally:
-        proc.stop()
+
+            def only_a_left() -> dict | None:
+                health = http.get("/health").json()
+                return health if health["queue_depth"] == 1 else None
+            health = wait_for(only_a_left, "the abandoned request to leave the queue")
+            assert health["busy"], health                       # only A is left, still running
+        wait_for_idle(http)
 
 
 def test_a_slow_reader_stalls_nobody_and_loses_nothing(url, http):
     long_text = " ".join(["A client that does not read its stream must not hold anyone else up."] * 3)
-    with httpx.Client(base_url=url, timeout=120) as slow_client, \
+    with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as slow_client, \
             slow_client.stream("POST", "/v1/audio/speech/stream/pcm",
                                json={"input": long_text, "voice": "nova", "seed": 4}) as slow:
         slow_chunks = slow.iter_raw()
@@ -213,7 +200,7 @@ def test_websocket_cancel_stops_the_utterance(url, http):
         while isinstance(message := ws.recv(), bytes):
             pass
         assert json.loads(message) == {"event": "cancelled"}
-        wait_for_idle_queue(http)
+        wait_for_idle(http)
         ws.send(json.dumps({"input": "Still here.", "voice": "nova"}))
         while isinstance(message := ws.recv(), bytes):
             pass

@@ -16,14 +16,9 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import LOGS, ServerProcess, checkpoint, decode
+from conftest import LOGS, ServerProcess, checkpoint, decode, tone
 
 pytestmark = pytest.mark.slow
-
-
-def tone(seconds: float, amplitude: float = 0.2, rate: int = 24000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (amplitude * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
 def encode(pcm: np.ndarray, container: str, codec: str, rate: int = 24000) -> bytes:
@@ -46,7 +41,7 @@ def encode(pcm: np.ndarray, container: str, codec: str, rate: int = 24000) -> by
 
 
 def wav(seconds: float, amplitude: float = 0.2) -> bytes:
-    return encode(tone(seconds, amplitude), "wav", "pcm_s16le")
+    return encode(tone(220, seconds=seconds, amplitude=amplitude), "wav", "pcm_s16le")
 
 
 @contextlib.contextmanager
@@ -94,7 +89,7 @@ def test_consent_lifecycle(sdk):
     first = sdk.audio.voice_consents.create(name="First", language="en-US",
                                             recording=("a.wav", wav(3), "audio/wav"))
     second = sdk.audio.voice_consents.create(name="Second", language="fr-FR",
-                                             recording=("b.mp3", encode(tone(3), "mp3", "libmp3lame"),
+                                             recording=("b.mp3", encode(tone(220, amplitude=0.2), "mp3", "libmp3lame"),
                                                         "audio/mpeg"))
     assert first.id.startswith("cons_") and first.object == "audio.voice_consent" and first.language == "en-US"
     assert sdk.audio.voice_consents.retrieve(second.id).name == "Second"
@@ -196,7 +191,7 @@ def test_common_audio_formats_are_accepted(sdk, name, container, codec):
     if codec not in av.codecs_available:
         codec = {"libvorbis": "vorbis"}.get(codec, codec)
     try:
-        data = encode(tone(3), container, codec)
+        data = encode(tone(220, amplitude=0.2), container, codec)
     except Exception as exc:  # noqa: BLE001 - a codec this PyAV build lacks is not the server's problem
         pytest.skip(f"cannot write {name} here: {exc}")
     created = sdk.audio.voice_consents.create(name=name, language="en", recording=(f"r.{name}", data,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,14 @@ from typing import Optional
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from testkit import free_port  # noqa: E402
+
 TINY = ROOT / "build" / "checkpoints" / "tiny-0.6B-CustomVoice"
 SHORT = "Hello! How are you doing today?"
 LONG = ("The committee met on Tuesday to review the proposal. After a long discussion, the members agreed to fund "
         "the first phase of the project, and asked for a detailed budget before the next meeting.")
 BYTES_PER_SECOND = 48000   # 24 kHz int16 mono
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
