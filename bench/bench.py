@@ -376,8 +376,8 @@ def scenario_engine(args: argparse.Namespace) -> None:
         try:
             old = eb.library_steps(manager, 1, WARM + steps, audit=True)[WARM:]
             new = eb.static_steps(manager, 1, max(2, steps // 2), audit=True)
-            counts.append([name, f"{eb.median(old, 'dispatches'):.0f}", f"{eb.median(old, 'syncs'):.0f}",
-                           f"{eb.median(new, 'dispatches'):.0f}", f"{eb.median(new, 'syncs'):.0f}"])
+            counts.append([name, *(f"{eb.median(records, key):.0f}" for records in (old, new)
+                                   for key in ("dispatches", "views", "syncs"))])
             for rows in (1, 4, 16):
                 old = eb.library_steps(manager, rows, WARM + steps)[WARM:]
                 new = eb.static_steps(manager, rows, steps)
@@ -390,7 +390,8 @@ def scenario_engine(args: argparse.Namespace) -> None:
         finally:
             manager.unload()
     table("engine: per frame, steady state (1 row)",
-          ["model", "library: dispatches", "library: host syncs", "static: dispatches", "static: host syncs"], counts)
+          ["model", "library: dispatches", "of them views", "host syncs", "static: dispatches", "of them views",
+           "host syncs"], counts)
     table(f"engine: ms per decode step (median; {args.dtype}, torch threads {__import__('torch').get_num_threads()})",
           ["model", "rows", "library-driven", "static"], timings)
     table("engine: a row leaving -- compaction moves the last row into the hole; a free list instead steps over "

@@ -2,7 +2,8 @@
 engine drove it before the static path) against the server's static path (StaticDecoder), side by side on one
 loaded model. Used by `bench.py engine` (CPU, any machine) and bench/gpu_bench.py (eager vs CUDA graphs).
 
-Every figure is per codec frame (one talker step, its 15 code-predictor sub-steps included), in steady state:
+Every figure is per codec frame (one talker step, its 15 code-predictor sub-steps included), in steady state
+("views": dispatches that only make a view, which launch no kernel on a GPU):
 the first steps of a run (lazy initialisation, the prefill) are left out.
 """
 
@@ -52,7 +53,7 @@ def library_steps(manager: server.ModelManager, rows: int, steps: int, audit: bo
     def mark(*_: Any) -> None:
         synchronize(device)
         marks.append((time.perf_counter(), counter.total_dispatches if counter else 0,
-                      counter.total_syncs if counter else 0))
+                      counter.total_syncs if counter else 0, counter.views if counter else 0))
 
     hook = tts.model.talker.register_forward_pre_hook(mark)
     try:
@@ -67,7 +68,7 @@ def library_steps(manager: server.ModelManager, rows: int, steps: int, audit: bo
                     counter.__exit__(None, None, None)
     finally:
         hook.remove()
-    return [{"seconds": b[0] - a[0], "dispatches": b[1] - a[1], "syncs": b[2] - a[2]}
+    return [{"seconds": b[0] - a[0], "dispatches": b[1] - a[1], "syncs": b[2] - a[2], "views": b[3] - a[3]}
             for a, b in zip(marks[1:], marks[2:], strict=False)]
 
 
@@ -107,7 +108,7 @@ def static_steps(manager: server.ModelManager, rows: int, steps: int, audit: boo
                 # the codes' copy to the host is the step's one synchronisation; on a CPU the audit cannot see it
                 syncs = (counter.total_syncs if counter else 0) + (device.type == "cpu")
                 out.append({"seconds": seconds, "dispatches": counter.total_dispatches if counter else 0,
-                            "syncs": syncs})
+                            "syncs": syncs, "views": counter.views if counter else 0})
         finally:
             batch.__exit__(None, None, None)
     return out[WARM_STEPS:]

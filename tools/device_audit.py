@@ -4,6 +4,7 @@ the device (host synchronisations, which also break a CUDA graph capture).
     with DeviceAudit() as audit:          # count
         step()
     audit.dispatches, audit.syncs         # Counter of operators, Counter of synchronising ones
+    audit.views                           # how many dispatches only made a view (no kernel on a GPU)
 
     with DeviceAudit(strict=True):        # fail at the first synchronisation, naming it
         step()
@@ -64,6 +65,7 @@ class DeviceAudit(TorchDispatchMode):
         super().__init__()
         self.strict = strict
         self.dispatches: Counter = Counter()
+        self.views = 0                     # dispatches that only make a view (no kernel on a GPU)
         self.syncs: Counter = Counter()
         self._saved: dict[str, Any] = {}
 
@@ -75,6 +77,7 @@ class DeviceAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.dispatches[str(func)] += 1
+        self.views += bool(getattr(func, "is_view", False))
         if func in SYNCHRONISING or _is_bool_index(func, args) or _copies_to_host(func, args, kwargs):
             self._sync(str(func))
         return func(*args, **kwargs)
