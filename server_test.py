@@ -832,6 +832,12 @@ def test_a_failed_graph_capture_leaves_the_eager_path_working(manager, monkeypat
     assert batch.peak == 1
 
 
+def test_graph_buckets_cover_every_batch_size_and_cache_length():
+    """A step runs the smallest captured bucket that holds it: powers of two, then the limit itself."""
+    assert server._buckets(16, 1) == [1, 2, 4, 8, 16] and server._buckets(6, 1) == [1, 2, 4, 6]
+    assert server._buckets(2048, 64) == [64, 128, 256, 512, 1024, 2048] and server._buckets(64, 64) == [64]
+
+
 def test_the_decode_buffers_are_sized_from_settings_reported_and_freed_on_unload(manager):
     snap = manager.snapshot()
     talker = manager.tts.model.talker.config
