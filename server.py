@@ -163,6 +163,8 @@ class Settings:
     max_batch_size: int = setting("MAX_BATCH_SIZE", 4, lo=1, hi=256)
     batch_wait_ms: float = setting("BATCH_WAIT_MS", 20.0, lo=0, hi=10_000)
     continuous_batching: bool = setting("CONTINUOUS_BATCHING", True)
+    kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 2048, lo=64, hi=10**6)
+    cuda_graphs: bool = setting("CUDA_GRAPHS", True)
     # requests and responses
     max_input_chars: int = setting("MAX_INPUT_CHARS", 4096, lo=1, hi=10**7)
     segment_max_chars: int = setting("SEGMENT_MAX_CHARS", 300, lo=20, hi=10**5)
@@ -2894,84 +2896,52 @@ def pick_tokens(scores: torch.Tensor, temperature: torch.Tensor, top_k: int, top
     return torch.where(temperature <= 0, scores.argmax(dim=-1), index.squeeze(1))
 
 
-class BatchSampler:
-    """Samples every row of a batch with its own parameters and its own random generator, so that a row's audio does
-    not depend on which other rows share its batch (and any requests can share one). generate() itself runs greedy:
-    the hooks hand it one-hot logits of the tokens chosen here, following the library's rules (generation_config
-    defaults, repetition penalty on the first codebook, suppressed control tokens, no end before two frames)."""
+class SamplingRules:
+    """How Qwen3-TTS's generate() chooses codes, for every row with its own parameters: generation_config defaults,
+    the repetition penalty on the first codebook, suppressed control tokens, no end of speech before two frames.
+    Pure tensor code over per-row parameters and uniforms drawn before the step (so it can run inside a captured
+    step), and each row's choice depends only on its own scores, parameters and draw: a row's audio does not depend
+    on which rows share its batch, so any requests can share one."""
 
-    _PER_ROW = ("temperature", "sub_temperature", "top_p", "sub_top_p", "seen")   # tensors with one row per row
-
-    def __init__(self, samplings: list[Sampling], seeds: list[int], defaults: dict, eos_id: int, vocab_size: int,
-                 device: torch.device):
-        def per_row(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        def temperature(s: Sampling, sample_key: str, temperature_key: str) -> float:
-            if s.temperature is not None:
-                return s.temperature
-            return float(defaults.get(temperature_key, 0.9)) if defaults.get(sample_key, True) else 0.0
-
-        self.temperature = per_row([temperature(s, "do_sample", "temperature") for s in samplings])
-        self.sub_temperature = per_row([temperature(s, "subtalker_dosample", "subtalker_temperature")
-                                        for s in samplings])
-        self.top_p = per_row([s.top_p if s.top_p is not None else float(defaults.get("top_p", 1.0))
-                              for s in samplings])
-        self.sub_top_p = per_row([s.top_p if s.top_p is not None else float(defaults.get("subtalker_top_p", 1.0))
-                                  for s in samplings])
+    def __init__(self, defaults: dict, eos_id: int, vocab_size: int, device: torch.device):
+        self.defaults = defaults
         self.top_k = int(defaults.get("top_k", 50))
         self.sub_top_k = int(defaults.get("subtalker_top_k", 50))
         self.penalty = float(defaults.get("repetition_penalty", 1.05))
-        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self.eos_id, self.device = eos_id, device
-        self.seen = torch.zeros(len(seeds), vocab_size, dtype=torch.bool, device=device)
+        self.eos_id = eos_id
         self.suppressed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.suppressed[vocab_size - 1024:] = True      # control tokens, as Qwen3-TTS's generate() suppresses them
         self.suppressed[eos_id] = False
 
-    def __len__(self) -> int:
-        return len(self.generators)
+    def row_parameters(self, s: Sampling) -> dict[str, float]:
+        """One request's temperature and top-p for the first code and for the 15 sub-codes; temperature 0 is greedy."""
+        def temperature(sample_key: str, temperature_key: str) -> float:
+            if s.temperature is not None:
+                return s.temperature
+            d = self.defaults
+            return float(d.get(temperature_key, 0.9)) if d.get(sample_key, True) else 0.0
 
-    def extend(self, other: BatchSampler) -> None:
-        """Append the rows of `other` (rows joining a running batch) after this sampler's rows."""
-        merged = {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in self._PER_ROW}
-        for name, value in merged.items():
-            setattr(self, name, value)
-        self.generators = self.generators + other.generators
+        def top_p(key: str) -> float:
+            return s.top_p if s.top_p is not None else float(self.defaults.get(key, 1.0))
 
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows, in this order (rows that finished leave the batch)."""
-        index = torch.tensor(indices, dtype=torch.long, device=self.device)
-        for name in self._PER_ROW:
-            setattr(self, name, getattr(self, name).index_select(0, index))
-        self.generators = [self.generators[i] for i in indices]
+        return {"temperature": temperature("do_sample", "temperature"), "top_p": top_p("top_p"),
+                "sub_temperature": temperature("subtalker_dosample", "subtalker_temperature"),
+                "sub_top_p": top_p("subtalker_top_p")}
 
-    def _uniforms(self) -> torch.Tensor:
-        draws = [torch.rand((), generator=g).item() for g in self.generators]
-        return torch.tensor(draws, dtype=torch.float32).to(self.device, non_blocking=True)
-
-    def first_codes(self, logits: torch.Tensor, step: Union[int, torch.Tensor]) -> torch.Tensor:
-        """The next frame's first code for every row; `step` counts each row's talker calls, its prefill being 0
-        (one number for all rows, or one per row)."""
+    def first_codes(self, logits: torch.Tensor, seen: torch.Tensor, steps: torch.Tensor, temperature: torch.Tensor,
+                    top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """logits [rows, vocab] -> each row's next first code. seen [rows, vocab]: the codes the row chose so far;
+        steps [rows]: its talker calls so far, its prefill being 0."""
         scores = logits.float()
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        scores = torch.where(self.seen, penalised, scores).masked_fill(self.suppressed, float("-inf"))
-        early = torch.as_tensor(step, device=scores.device).expand(scores.shape[0]) < 2
-        scores[:, self.eos_id] = scores[:, self.eos_id].masked_fill(early, float("-inf"))
-        tokens = pick_tokens(scores, self.temperature, self.top_k, self.top_p, self._uniforms())
-        self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
-        return tokens
+        scores = torch.where(seen, penalised, scores).masked_fill(self.suppressed, float("-inf"))
+        scores[:, self.eos_id] = scores[:, self.eos_id].masked_fill(steps < 2, float("-inf"))
+        return pick_tokens(scores, temperature, self.top_k, top_p, uniforms)
 
-    def sub_codes(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next of a frame's 15 further codes for every row."""
-        return pick_tokens(logits.float(), self.sub_temperature, self.sub_top_k, self.sub_top_p, self._uniforms())
-
-
-def force_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Make the last position's logits one-hot, so greedy generate() takes exactly `tokens`."""
-    last = logits[:, -1, :]
-    last.fill_(float("-inf"))
-    last.scatter_(1, tokens.unsqueeze(1).to(last.device), 0.0)
+    def sub_codes(self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                  uniforms: torch.Tensor) -> torch.Tensor:
+        """logits [rows, 2048] of one code-predictor sub-step -> each row's next sub-code."""
+        return pick_tokens(logits.float(), temperature, self.sub_top_k, top_p, uniforms)
 
 
 class Job:
@@ -3056,7 +3026,9 @@ class Job:
 
 
 class Row:
-    """One segment of one job inside a generate() call: collects its frames and decodes them in chunks."""
+    """One segment of one job in a DecodeBatch. It owns what is its alone: its slot in the decoder's buffers (and
+    the length of the cache there), its random generator, its frames (decoded to audio in chunks) and its reason to
+    stop."""
 
     def __init__(self, job: Job, segment: int, decoder: Optional[StreamingDecoder]):
         self.job, self.segment, self.decoder = job, segment, decoder
@@ -3065,12 +3037,19 @@ class Row:
         self.budget = job.budgets[segment]
         self.frames = 0
         self.closed = False
+        self.slot = -1                     # its slot in the SlotTable once it has joined
+        self.length = 0                    # key/value positions its slot holds: its prefill, then one per step
+        self.generator = torch.Generator().manual_seed(job.sampling.row_seed(segment))
         self._pending: list[torch.Tensor] = []
         self._next_chunk = job.first_chunk_frames
 
     @property
     def text(self) -> str:
         return self.job.segments[self.segment]
+
+    def draws(self, count: int) -> torch.Tensor:
+        """The row's next `count` uniforms; one rand(16) gives the same numbers as 16 rand() calls, in order."""
+        return torch.rand(count, generator=self.generator)
 
     def add_frame(self, codes: torch.Tensor) -> None:
         self._pending.append(codes)
@@ -3122,100 +3101,388 @@ class _Prefilled(Exception):
         self.attention_mask, self.output = attention_mask, output
 
 
-def _left_pad(cache: Any, mask: torch.Tensor, length: int) -> tuple[tuple, torch.Tensor]:
-    """A batch's key/value cache (legacy layout) and attention mask, left-padded with masked positions to `length`."""
-    layers, extra = cache.to_legacy_cache(), length - mask.shape[1]
-    if extra:
-        layers = tuple((torch.nn.functional.pad(k, (0, 0, extra, 0)), torch.nn.functional.pad(v, (0, 0, extra, 0)))
-                       for k, v in layers)
-        mask = torch.nn.functional.pad(mask, (extra, 0))
-    return layers, mask
+# ---- engine: the static decode path (per-row slots, the step functions, their CUDA graphs)
+class SlotTable:
+    """Every row's decode state, preallocated on the model's device with one slot per row: the talker's key/value
+    cache ([slots, kv_heads, positions, head_dim] per layer; a row's keys at its own positions 0..length-1, so its
+    rope position is its length) and the per-row tensors the step reads and writes (PER_ROW). Rows sit in slots
+    0..n-1: a row that leaves is replaced by the last one (`move`), so a step over the first n slots covers every
+    row. A free slot holds zeros or what its last row left, always finite: a step over it computes unused values,
+    never NaN, and writes only into that slot."""
+
+    PER_ROW = ("tokens", "past_hidden", "text", "seen", "steps", "lengths", "active", "temperature", "top_p",
+               "sub_temperature", "sub_top_p")
+
+    def __init__(self, talker: Any, slots: int, positions: int):
+        cfg = talker.config
+        weight = talker.codec_head.weight
+        device, dtype = weight.device, weight.dtype
+
+        def new(*shape: int, kind: torch.dtype = dtype, fill: Any = 0) -> torch.Tensor:
+            return torch.full((slots, *shape), fill, dtype=kind, device=device)
+
+        self.count, self.positions, self.device = slots, positions, device
+        self.tokens = new(kind=torch.long)                 # the next frame's first code, chosen at the last step
+        self.past_hidden = new(cfg.hidden_size)            # the talker's last hidden state: the code predictor's input
+        self.text = new(positions, cfg.hidden_size)        # text embeddings to add, one per step, then padding
+        self.seen = new(cfg.vocab_size, kind=torch.bool)   # first codes chosen so far (repetition penalty)
+        self.steps = new(kind=torch.long)                  # talker calls so far, the prefill being call 0
+        self.lengths = new(kind=torch.long)                # positions filled in the slot's key/value cache
+        self.active = new(kind=torch.bool)                 # a row sits here: only then do steps and lengths advance
+        self.temperature, self.top_p, self.sub_temperature, self.sub_top_p = (
+            new(kind=torch.float32, fill=1.0) for _ in range(4))
+        # per step: the draws (15 sub-codes, then the next first code) in, the completed frame out
+        self.uniforms = new(cfg.num_code_groups, kind=torch.float32)
+        self.codes = new(cfg.num_code_groups, kind=torch.long)
+        self.host_uniforms = torch.zeros(slots, cfg.num_code_groups, pin_memory=device.type == "cuda")
+        shape = (slots, cfg.num_key_value_heads, positions, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, self.uniforms, self.codes, *(getattr(self, n) for n in self.PER_ROW)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fill(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], past_hidden: torch.Tensor,
+             text: torch.Tensor, pad: torch.Tensor, token: torch.Tensor, parameters: dict[str, float]) -> None:
+        """Put a row that was just prefilled into a free slot. keys, values: per layer [kv_heads, n, head_dim], its
+        prefill's real positions; text [t, hidden]: the embeddings to add at its next t steps; token: its first
+        code."""
+        length = keys[0].shape[1]
+        for buffers, layers in ((self.keys, keys), (self.values, values)):
+            for buffer, layer in zip(buffers, layers, strict=True):
+                buffer[slot, :, :length] = layer
+        self.past_hidden[slot] = past_hidden
+        self.text[slot, :text.shape[0]] = text
+        self.text[slot, text.shape[0]:] = pad
+        self.seen[slot] = False
+        self.seen[slot, token] = True
+        self.tokens[slot] = token
+        self.steps[slot] = 1
+        self.lengths[slot] = length
+        self.active[slot] = True
+        for name, value in parameters.items():
+            getattr(self, name)[slot] = value
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Move a row (and `length` positions of its cache) into the free slot `target`; `source` becomes free."""
+        for name in self.PER_ROW:
+            buffer = getattr(self, name)
+            buffer[target] = buffer[source]
+        for buffer in (*self.keys, *self.values):
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.active[source] = False
+
+    def free(self, slot: Optional[int] = None) -> None:
+        """Free one slot, or all of them."""
+        if slot is None:
+            self.active.fill_(False)
+        else:
+            self.active[slot] = False
 
 
-def merge_caches(cache_a: Any, mask_a: torch.Tensor, cache_b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """Stack two batches' talker caches and masks row-wise; the shorter is left-padded with masked positions."""
-    from transformers import DynamicCache
+class DecodeStep:
+    """One codec frame for the rows in slots [0, rows), as two functions over a SlotTable: `predict` runs the code
+    predictor's 15 sub-steps (what the library's generate() loop computes, without generate()) and writes each
+    row's completed codes; `talk` feeds them to the talker and chooses each row's next first code. Tensor code only:
+    no host synchronisation and no shape that depends on data, so each can be captured into a CUDA graph per bucket
+    (StepGraphs); on a CPU they run as they are. The layers are qwen-tts 0.1.1's own modules called piece by piece;
+    the attention is ours, because it reads the static caches."""
 
-    length = max(mask_a.shape[1], mask_b.shape[1])
-    layers_a, mask_a = _left_pad(cache_a, mask_a, length)
-    layers_b, mask_b = _left_pad(cache_b, mask_b, length)
-    layers = tuple((torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(layers_a, layers_b,
-                                                                                           strict=True))
-    return DynamicCache.from_legacy_cache(layers), torch.cat([mask_a, mask_b])
+    def __init__(self, talker: Any, slots: SlotTable, rules: SamplingRules):
+        from qwen_tts.core.models import modeling_qwen3_tts as library
+
+        self.talker, self.predictor, self.slots, self.rules = talker, talker.code_predictor, slots, rules
+        self._rope, self._multimodal_rope = library.apply_rotary_pos_emb, library.apply_multimodal_rotary_pos_emb
+        self.groups = talker.config.num_code_groups
+        cfg, weight = self.predictor.config, talker.codec_head.weight
+        # The code predictor's own cache: the frame's context (2 embeddings) at positions 0-1, then one code each.
+        shape = (slots.count, cfg.num_key_value_heads, self.groups, cfg.head_dim)
+        self._sub_keys = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
+        self._sub_values = [weight.new_zeros(shape) for _ in range(cfg.num_hidden_layers)]
+        self._sub_rope = []        # per sub-step: (first position, cos, sin), as the library computes them
+        start = 0
+        for count in [2] + [1] * (self.groups - 2):
+            positions = torch.arange(start, start + count, device=weight.device).unsqueeze(0)
+            self._sub_rope.append((start, *self.predictor.model.rotary_emb(weight, positions)))
+            start += count
+        self._positions = torch.arange(slots.positions, device=weight.device)
+
+    def predict(self, rows: int) -> None:
+        """The 15 sub-codes of every row's frame, from its last hidden state and first code -> slots.codes[:rows]."""
+        s, cp = self.slots, self.predictor
+        first = s.tokens[:rows]
+        embeds = torch.cat([s.past_hidden[:rows].unsqueeze(1), self.talker.model.codec_embedding(first).unsqueeze(1)],
+                           dim=1)                                                   # [rows, 2, hidden]
+        codes = [first]
+        for i, (start, cos, sin) in enumerate(self._sub_rope):
+            hidden = cp.small_to_mtp_projection(embeds)
+            for layer, keys, values in zip(cp.model.layers, self._sub_keys, self._sub_values, strict=True):
+                hidden = self._predictor_layer(layer, hidden, cos, sin, keys[:rows], values[:rows], start)
+            logits = cp.lm_head[i](cp.model.norm(hidden))[:, -1]
+            code = self.rules.sub_codes(logits, s.sub_temperature[:rows], s.sub_top_p[:rows], s.uniforms[:rows, i])
+            codes.append(code)
+            if i + 1 < len(self._sub_rope):
+                embeds = cp.model.codec_embedding[i](code).unsqueeze(1)            # [rows, 1, hidden]
+        s.codes[:rows] = torch.stack(codes, dim=1)
+
+    def talk(self, rows: int, length: int) -> None:
+        """One talker call for every row on its completed frame (slots.codes), attending to the first `length`
+        positions of its cache (more than any row's length); chooses its next first code and advances it."""
+        s, talker, cp = self.slots, self.talker, self.predictor
+        codes = s.codes[:rows]
+        embeds = [talker.model.codec_embedding(codes[:, :1])] + [
+            cp.model.codec_embedding[i](codes[:, i + 1:i + 2]) for i in range(self.groups - 1)]
+        hidden = torch.cat(embeds, dim=1).sum(1, keepdim=True)                     # [rows, 1, hidden]
+        steps, lengths = s.steps[:rows], s.lengths[:rows]
+        at = (steps - 1).clamp(min=0).view(rows, 1, 1).expand(rows, 1, hidden.shape[-1])
+        hidden = hidden + s.text[:rows].gather(1, at)                             # this step's text embedding
+        cos, sin = talker.model.rotary_emb(hidden, lengths.view(1, rows, 1).expand(3, rows, 1))
+        visible = (self._positions[:length] <= lengths.unsqueeze(1)).view(rows, 1, 1, length)
+        kv_heads, head_dim = s.keys[0].shape[1], s.keys[0].shape[3]
+        write = lengths.clamp(max=s.positions - 1).view(rows, 1, 1, 1).expand(rows, kv_heads, 1, head_dim)
+        for layer, keys, values in zip(talker.model.layers, s.keys, s.values, strict=True):
+            hidden = self._talker_layer(layer, hidden, cos, sin, keys[:rows], values[:rows], write, visible)
+        hidden = talker.model.norm(hidden)
+        s.past_hidden[:rows] = hidden[:, -1]
+        tokens = self.rules.first_codes(talker.codec_head(hidden)[:, -1], s.seen[:rows], steps, s.temperature[:rows],
+                                        s.top_p[:rows], s.uniforms[:rows, -1])
+        s.seen[:rows].scatter_(1, tokens.unsqueeze(1), True)
+        s.tokens[:rows] = tokens
+        advance = s.active[:rows].long()
+        s.lengths[:rows] += advance
+        s.steps[:rows] += advance
+
+    def _predictor_layer(self, layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        """One code-predictor decoder layer on hidden [rows, n, h] at positions start..start+n-1; all rows have the
+        same positions, so this is the library's attention call (causal within the first two, no mask)."""
+        attn, count = layer.self_attn, hidden.shape[1]
+        x = layer.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self._rope(q, k, cos, sin)
+        keys[:, :, start:start + count] = k
+        values[:, :, start:start + count] = v
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys[:, :, :start + count], values[:, :, :start + count], is_causal=count > 1, scale=attn.scaling,
+            enable_gqa=True)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _talker_layer(self, layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
+        """One talker decoder layer on hidden [rows, 1, h]: writes each row's key/value at its own position (`write`)
+        and attends to the `visible` positions of its slot. The heads that share a key/value head go side by side
+        as queries of one attention call: grouped-query attention without copying the cache."""
+        attn, rows = layer.self_attn, hidden.shape[0]
+        x = layer.input_layernorm(hidden)
+        shape = (rows, 1, -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)              # [rows, heads, 1, head_dim]
+        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)              # [rows, kv_heads, 1, head_dim]
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self._multimodal_rope(q, k, cos, sin, attn.rope_scaling["mrope_section"],
+                                     attn.rope_scaling["interleaved"])
+        keys.scatter_(2, write, k)
+        values.scatter_(2, write, v)
+        length, kv_heads = visible.shape[-1], keys.shape[1]
+        grouped = q.reshape(rows, kv_heads, -1, attn.head_dim)                    # [rows, kv_heads, group, head_dim]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            grouped, keys[:, :, :length], values[:, :, :length], attn_mask=visible, scale=attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(rows, 1, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def select_cache_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> tuple[Any, torch.Tensor]:
-    """Keep these rows of a talker cache and mask, and drop the leading positions that are padding in all of them."""
-    from transformers import DynamicCache
+def _buckets(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit`: the sizes a graph is captured for."""
+    sizes = []
+    size = smallest
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
 
-    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    mask = mask.index_select(0, index)
-    start = int(mask.any(dim=0).int().argmax())
-    layers = tuple((k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                   for k, v in cache.to_legacy_cache())
-    return DynamicCache.from_legacy_cache(layers), mask[:, start:].contiguous()
+
+class StepGraphs:
+    """CUDA graphs of a DecodeStep: `predict` per batch-size bucket and `talk` per (batch-size, cache-length)
+    bucket, captured once into one memory pool. A replay launches the whole step at once instead of the thousands
+    of kernels an eager step launches one by one from Python. Every input and output lives in the SlotTable, so
+    the graphs only ever read and write those buffers; a step over a bucket larger than the batch runs the free
+    slots too (see SlotTable)."""
+
+    SMALLEST_LENGTH = 64
+
+    def __init__(self, step: DecodeStep):
+        self.step = step
+        self.batch_sizes = _buckets(step.slots.count, 1)
+        self.lengths = _buckets(step.slots.positions, min(self.SMALLEST_LENGTH, step.slots.positions))
+        self.pool = torch.cuda.graph_pool_handle()
+        self._predict: dict[int, torch.cuda.CUDAGraph] = {}
+        self._talk: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def capture(self) -> None:
+        """Run each step once on a side stream (lazy initialisation must not happen inside a capture), then
+        capture every bucket. Call with no row in any slot."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for rows in self.batch_sizes:
+                self.step.predict(rows)
+                self.step.talk(rows, self.lengths[0])
+        torch.cuda.current_stream().wait_stream(stream)
+        for rows in self.batch_sizes:
+            self._predict[rows] = self._capture(self.step.predict, rows)
+            for length in self.lengths:
+                self._talk[rows, length] = self._capture(self.step.talk, rows, length)
+        torch.cuda.synchronize()
+
+    def _capture(self, fn: Callable[..., None], *args: int) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn(*args)
+        return graph
+
+    @property
+    def count(self) -> int:
+        return len(self._predict) + len(self._talk)
+
+    def run(self, rows: int, length: int) -> None:
+        batch = next(size for size in self.batch_sizes if size >= rows)
+        self._predict[batch].replay()
+        self._talk[batch, next(size for size in self.lengths if size >= length)].replay()
+
+
+class StaticDecoder:
+    """A loaded model's decode machinery: its SlotTable (MAX_BATCH_SIZE slots of KV_CACHE_TOKENS positions), its
+    DecodeStep and, on CUDA with CUDA_GRAPHS on, the step's graphs. Built when the weights load, dropped with them
+    on unload; `snapshot` gives its sizes for /health."""
+
+    def __init__(self, tts: Any, slots: int, positions: int):
+        talker = tts.model.talker
+        self.rules = SamplingRules(tts.generate_defaults, tts.model.config.talker_config.codec_eos_token_id,
+                                   talker.config.vocab_size, talker.device)
+        self.slots = SlotTable(talker, slots, positions)
+        self.step = DecodeStep(talker, self.slots, self.rules)
+        self.graphs: Optional[StepGraphs] = None
+        self.graph_state = "off"           # off | captured | failed (then the eager static path runs)
+        self.graph_bytes = 0
+        self.capture_seconds: Optional[float] = None
+
+    def capture_graphs(self) -> None:
+        """Capture the step's CUDA graphs (CUDA only). A capture that fails leaves the eager static path running,
+        with a warning: never a broken server."""
+        if self.slots.device.type != "cuda":
+            return
+        self.slots.free()
+        started, graphs = time.monotonic(), None
+        try:
+            before = torch.cuda.memory_reserved(self.slots.device)
+            graphs = StepGraphs(self.step)
+            with torch.inference_mode():
+                graphs.capture()
+            self.graph_bytes = torch.cuda.memory_reserved(self.slots.device) - before
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation, never a reason to fail
+            logger.warning("capturing the decode step's CUDA graphs failed, decoding eagerly: {}: {}",
+                           type(exc).__name__, exc)
+            del graphs
+            self.graph_state = "failed"
+            _release_memory()
+            return
+        self.graphs, self.graph_state = graphs, "captured"
+        self.capture_seconds = round(time.monotonic() - started, 3)
+        logger.info("captured {} decode-step graphs in {:.2f}s ({} MiB)", graphs.count, self.capture_seconds,
+                    self.graph_bytes >> 20)
+
+    def run(self, rows: int, length: int, uniforms: torch.Tensor) -> torch.Tensor:
+        """One step for slots [0, rows), attending to `length` positions (more than any row's length); uniforms
+        [rows, 16] -> the completed frames [rows, 16] on the CPU: the step's one device-to-host copy."""
+        s = self.slots
+        s.host_uniforms[:rows] = uniforms
+        s.uniforms[:rows].copy_(s.host_uniforms[:rows], non_blocking=True)
+        if self.graphs is not None:
+            self.graphs.run(rows, length)
+        else:
+            self.step.predict(rows)
+            self.step.talk(rows, length)
+        return s.codes[:rows].to("cpu", copy=True)
+
+    def snapshot(self) -> dict:
+        return {"decode_slots": self.slots.count, "kv_cache_tokens": self.slots.positions,
+                "decode_cache_bytes": self.slots.nbytes, "cuda_graphs": self.graph_state,
+                "graph_pool_bytes": self.graph_bytes, "graph_capture_seconds": self.capture_seconds}
 
 
 class DecodeBatch:
-    """Rows that generate together, one talker step at a time (continuous batching). A row joins at any step: its
-    prefill runs through the library's own generate(), stopped by a hook right after it, and its key/value cache
-    is stacked onto the batch's. A row leaves as soon as it ends. So a request that arrives while others generate
-    starts at the next step instead of waiting for the whole batch, and finished rows cost nothing.
+    """Rows that generate together, one step at a time (continuous batching), in the slots of the model's
+    StaticDecoder: row i sits in slot i. A row joins at any step: its prefill runs through the library's own
+    generate(), stopped by a hook right after it, and its keys/values are copied into a free slot. A row leaves as
+    soon as it ends, and the last row moves into its slot. So a request that arrives while others generate starts at
+    the next step instead of waiting for the whole batch, and finished rows cost nothing.
 
-    Each row keeps its own text position and sampler state, so its audio does not depend on which rows share its
-    steps. Frames reach their rows as they are made; every row's next codes are chosen by BatchSampler and handed
-    to the model as one-hot logits (greedy), in the talker and in its code predictor."""
+    Each row keeps its own cache positions, text position, parameters and generator, so its audio does not depend
+    on which rows share its steps (see SamplingRules)."""
 
     def __init__(self, manager: ModelManager, on_step: Callable[[Optional[float]], None],
                  on_leave: Callable[[Job], None]):
-        self.tts, self.info = manager.tts, manager.info
+        self.tts, self.info, self.decoder = manager.tts, manager.info, manager.decoder
+        self.slots = self.decoder.slots
         self.talker = self.tts.model.talker
         self.codec = self.tts.model.speech_tokenizer.model
         self.eos_id = self.tts.model.config.talker_config.codec_eos_token_id
         self.on_step, self.on_leave = on_step, on_leave
-        self.rows: list[Row] = []
+        self.rows: list[Row] = []                    # rows[i] sits in slot i
         self.joining: list[Job] = []                 # jobs whose rows are being prefilled
-        self.sampler: Optional[BatchSampler] = None
-        self.cache: Any = None                       # the talker's key/value cache, one row per Row
-        self.mask: Optional[torch.Tensor] = None     # [rows, positions]: 0 where a row is left-padded
-        self.past_hidden: Optional[torch.Tensor] = None
-        self.tokens: Optional[torch.Tensor] = None   # every row's next first code, already chosen
-        self.trailing: list[torch.Tensor] = []       # per row: the text embeddings still to feed, one per step
-        self.steps: list[int] = []                   # per row: talker calls so far, the prefill being call 0
-        self.pad_embed: Optional[torch.Tensor] = None
         self.peak = 0
         self._last_step: Optional[float] = None
-        self._hook = self.talker.code_predictor.register_forward_hook(self._code_predictor_hook, with_kwargs=True)
 
     def __enter__(self) -> DecodeBatch:
+        self.slots.free()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._hook.remove()
+        self.slots.free()
 
     # -- rows joining
     def add(self, pairs: list[tuple[Job, int]]) -> None:
-        """Prefill these (job, segment) rows and add them to the batch."""
+        """Prefill these (job, segment) rows and put them into free slots. Everything that can fail runs before a
+        slot is written, and only free slots are written: a failed join leaves the running rows as they were."""
         self.joining = [job for job, _ in pairs]
+        if len(self.rows) + len(pairs) > self.slots.count:
+            raise RuntimeError(f"{len(pairs)} rows cannot join {len(self.rows)} in {self.slots.count} slots")
         rows = [Row(job, segment, StreamingDecoder(self.codec)) for job, segment in pairs]
         mask, out = self._prefill(rows)
-        sampler = BatchSampler([row.job.sampling for row in rows],
-                               [row.job.sampling.row_seed(row.segment) for row in rows],
-                               self.tts.generate_defaults, self.eos_id, self.talker.config.vocab_size,
-                               self.talker.device)
-        tokens = sampler.first_codes(out.logits[:, -1, :], 0)
-        cache, past_hidden = out.past_key_values, out.past_hidden
-        if self.rows:   # everything is computed before anything is changed: a failed join leaves the batch intact
-            cache, mask = merge_caches(self.cache, self.mask, cache, mask)
-            past_hidden = torch.cat([self.past_hidden, past_hidden])
-            tokens = torch.cat([self.tokens, tokens])
-            self.sampler.extend(sampler)
-        else:
-            self.sampler = sampler
-        self.cache, self.mask, self.past_hidden, self.tokens = cache, mask, past_hidden, tokens
-        self.pad_embed = out.tts_pad_embed
-        self.trailing += list(out.trailing_text_hidden)
-        self.steps += [1] * len(rows)
+        lengths = mask.sum(dim=1).tolist()           # each row's prefill positions; the rest is left padding
+        trailing = out.trailing_text_hidden
+        for length in lengths:
+            if length >= self.slots.positions or trailing.shape[1] > self.slots.positions:
+                raise RuntimeError(f"a prompt of {length} positions does not fit in KV_CACHE_TOKENS="
+                                   f"{self.slots.positions}: raise it, or lower SEGMENT_MAX_CHARS")
+        parameters = [self.decoder.rules.row_parameters(row.job.sampling) for row in rows]
+        device = out.logits.device
+
+        def per_row(name: str) -> torch.Tensor:
+            return torch.tensor([p[name] for p in parameters], dtype=torch.float32, device=device)
+
+        none_seen = torch.zeros(len(rows), self.talker.config.vocab_size, dtype=torch.bool, device=device)
+        tokens = self.decoder.rules.first_codes(
+            out.logits[:, -1, :], none_seen, torch.zeros(len(rows), dtype=torch.long, device=device),
+            per_row("temperature"), per_row("top_p"), torch.cat([row.draws(1) for row in rows]).to(device))
+        layers = out.past_key_values.to_legacy_cache()
+        width = mask.shape[1]
+        for j, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+            row.slot, row.length = len(self.rows) + j, length
+            self.slots.fill(row.slot, [k[j, :, width - length:] for k, _ in layers],
+                            [v[j, :, width - length:] for _, v in layers], out.past_hidden[j, -1], trailing[j],
+                            out.tts_pad_embed.reshape(-1), tokens[j], parameters[j])
+            room = self.slots.positions - length
+            if row.budget > room:
+                logger.warning("job {} segment {}: {} frames fit in KV_CACHE_TOKENS={} after its prompt, not its "
+                               "budget of {}", row.job.id, row.segment, room, self.slots.positions, row.budget)
+                row.budget = room
         self.rows += rows
         self.joining = []
         self.peak = max(self.peak, len(self.rows))
@@ -3258,40 +3525,20 @@ class DecodeBatch:
 
     # -- one step
     def step(self) -> None:
-        """One talker call for every row: completes each row's frame and chooses its next first code."""
-        count, length = len(self.rows), self.mask.shape[1]
-        pad = self.pad_embed.reshape(1, -1)
-        trailing = torch.cat([text[step - 1:step] if step - 1 < text.shape[0] else pad
-                              for text, step in zip(self.trailing, self.steps, strict=True)]).unsqueeze(1)
-        mask = torch.cat([self.mask, self.mask.new_ones(count, 1)], dim=1)
-        # Each row's position is its own count of real tokens (the library's rule for left-padded rows).
-        self.talker.rope_deltas = self.mask.sum(dim=-1, keepdim=True) - length
-        out = self.talker(input_ids=self.tokens.view(count, 1), attention_mask=mask, past_key_values=self.cache,
-                          use_cache=True, cache_position=torch.tensor([length], device=mask.device),
-                          past_hidden=self.past_hidden, trailing_text_hidden=trailing, tts_pad_embed=self.pad_embed,
-                          generation_step=0, subtalker_dosample=False, subtalker_top_k=50, subtalker_top_p=1.0,
-                          subtalker_temperature=1.0)
-        self.cache, self.mask, self.past_hidden = out.past_key_values, mask, out.past_hidden
-        codes = out.hidden_states[1]                 # [rows, 16]: the frame this step completed
-        first = codes[:, 0].tolist()
-        for i, row in enumerate(self.rows):
-            if first[i] == self.eos_id:
+        """One frame for every row: completes each row's frame and chooses its next first code."""
+        uniforms = torch.stack([row.draws(self.slots.uniforms.shape[1]) for row in self.rows])
+        codes = self.decoder.run(len(self.rows), max(row.length for row in self.rows) + 1, uniforms)
+        for row, frame, first in zip(self.rows, codes, codes[:, 0].tolist(), strict=True):
+            row.length += 1
+            if first == self.eos_id:
                 row.close("end")
             else:
-                row.add_frame(codes[i])
+                row.add_frame(frame)
         now = time.monotonic()
         self._close_stopped(now)
         self.on_step(now - self._last_step if self._last_step is not None else None)
         self._last_step = now
-        keep = self._drop_closed()
-        if self.rows:
-            logits = out.logits[:, -1, :].index_select(0, torch.tensor(keep, device=out.logits.device))
-            self.tokens = self.sampler.first_codes(logits, torch.tensor(self.steps, device=logits.device))
-            self.steps = [step + 1 for step in self.steps]
-
-    def _code_predictor_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
-        force_tokens(output.logits, self.sampler.sub_codes(output.logits[:, -1, :]))
-        return output
+        self._drop_closed()
 
     # -- rows leaving
     def _close_stopped(self, now: float) -> None:
@@ -3299,26 +3546,23 @@ class DecodeBatch:
             if not row.closed and (reason := row.stop_reason(now)):
                 row.close(reason)
 
-    def _drop_closed(self) -> list[int]:
-        """Remove the closed rows from every per-row state; return the indices of the rows kept."""
-        keep = [i for i, row in enumerate(self.rows) if not row.closed]
-        if len(keep) == len(self.rows):
-            return keep
+    def _drop_closed(self) -> None:
+        """Remove the closed rows; the rows beyond the new count move into the slots they left."""
+        kept = [row for row in self.rows if not row.closed]
+        if len(kept) == len(self.rows):
+            return
         gone = [row for row in self.rows if row.closed]
-        if keep:
-            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-            self.cache, self.mask = select_cache_rows(self.cache, self.mask, keep)
-            self.past_hidden = self.past_hidden.index_select(0, index)
-            self.tokens = self.tokens.index_select(0, index)
-            self.sampler.keep(keep)
-        else:
-            self.cache = self.mask = self.past_hidden = self.tokens = self.sampler = None
-        self.rows = [self.rows[i] for i in keep]
-        self.trailing = [self.trailing[i] for i in keep]
-        self.steps = [self.steps[i] for i in keep]
+        holes = iter(sorted(set(range(len(kept))) - {row.slot for row in kept}))
+        for row in kept:
+            if row.slot >= len(kept):
+                target = next(holes)
+                self.slots.move(row.slot, target, row.length)
+                row.slot = target
+        for slot in range(len(kept), len(self.rows)):
+            self.slots.free(slot)
+        self.rows = sorted(kept, key=lambda row: row.slot)
         for row in gone:
             self.on_leave(row.job)
-        return keep
 
     def fail_joining(self, error: ServiceError) -> None:
         """Rows that could not join (their prefill failed) fail with `error`; the rows already running go on."""
@@ -3333,7 +3577,7 @@ class DecodeBatch:
         for row in self.rows:
             row.closed = True
         self.rows, self.joining = [], []
-        self.cache = self.mask = self.past_hidden = self.tokens = self.sampler = None
+        self.slots.free()
         for job in jobs:
             job.fail(error)
             self.on_leave(job)
@@ -3359,6 +3603,7 @@ class ModelManager:
     def __init__(self, model_id: str, settings: Settings):
         self.model_id, self.settings = model_id, settings
         self.tts: Any = None
+        self.decoder: Optional[StaticDecoder] = None   # the decode slots and step graphs, while loaded
         self.info: Optional[ModelInfo] = None
         self.state = "unloaded"            # unloaded | loading | ready | failed
         self.error: Optional[str] = None
@@ -3378,9 +3623,11 @@ class ModelManager:
         return self.info
 
     def snapshot(self) -> dict:
+        decoder = self.decoder
         return {"model_id": self.model_id, "state": self.state, "error": self.error, "device": self.device,
                 "dtype": self.dtype, "codec_dtype": self.codec_dtype, "attention": self.attention,
-                "compiled": self.compiled, "load_seconds": self.load_seconds}
+                "compiled": self.compiled, "load_seconds": self.load_seconds,
+                **(decoder.snapshot() if decoder is not None else {"decode_cache_bytes": 0, "graph_pool_bytes": 0})}
 
     def ensure_loaded(self) -> Any:
         if self.tts is not None:
@@ -3391,8 +3638,11 @@ class ModelManager:
         try:
             self.describe()
             self.tts = self._load()
+            self.decoder = StaticDecoder(self.tts, self.settings.max_batch_size, self.settings.kv_cache_tokens)
+            if self.settings.cuda_graphs:
+                self.decoder.capture_graphs()      # before the model counts as loaded: /ready waits for it
         except Exception as exc:  # noqa: BLE001
-            self.tts = None
+            self.tts = self.decoder = None
             _release_memory()
             self.state, self.error = "failed", self._explain(exc)
             logger.error("loading {} failed: {}", self.model_id, self.error)
@@ -3431,7 +3681,7 @@ class ModelManager:
     def unload(self) -> None:
         if self.tts is None:
             return
-        self.tts = None
+        self.tts = self.decoder = None
         self.state = "unloaded"
         _release_memory()
         logger.info("model {} unloaded after {:.0f}s idle", self.model_id, time.monotonic() - self.last_used)
@@ -3502,7 +3752,7 @@ class ModelManager:
         hints = []
         lowered = text.lower()
         if "out of memory" in lowered:
-            hints.append("free GPU memory, or set DEVICE=cpu")
+            hints.append("free GPU memory, lower MAX_BATCH_SIZE or KV_CACHE_TOKENS, or set DEVICE=cpu")
         if any(s in lowered for s in ("connection", "resolve", "offline", "couldn't connect", "network", "timed out")):
             hints.append("the model hub could not be reached: pre-download the model into HF_HOME, or set MODEL_ID "
                          "to a local directory")

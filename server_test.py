@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from device_audit import DeviceAudit, HostSync  # noqa: E402
+
 import server  # noqa: E402
 from server import (  # noqa: E402  # noqa: E402
     FORMATS,
@@ -637,6 +639,330 @@ async def test_a_batch_that_starts_is_not_reported_stalled(engine, tiny_dir, mon
     await audio_of(job)
     busy_since, heartbeat = seen[0]
     assert busy_since is not None and heartbeat >= busy_since
+
+
+def test_unseeded_requests_differ():
+    assert Sampling().row_seed(0) != Sampling().row_seed(0)
+    assert Sampling(seed=1).row_seed(0) == Sampling(seed=1).row_seed(0) != Sampling(seed=1).row_seed(1)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.9, 50, 1.0), (0.7, 50, 0.8), (1.3, 5, 0.5),
+                                                       (1.0, 0, 0.95), (0.5, 3000, 1.0)])
+def test_sampling_distribution_matches_the_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = torch.randn(3, 3072, generator=torch.Generator().manual_seed(0)) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = warpers(None, scores.clone()).softmax(-1)
+    ours = server.token_probabilities(scores, torch.full((3,), temperature), top_k, torch.full((3,), top_p))
+    torch.testing.assert_close(ours, expected)
+
+
+def test_pick_tokens_follows_each_rows_distribution_and_greedy_rows_take_the_maximum():
+    scores = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])).repeat(2, 1)
+    temperature = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4, 3)
+    for _ in range(4000):
+        tokens = server.pick_tokens(scores, temperature, 0, torch.ones(4), torch.rand(4, generator=generator))
+        counts[torch.arange(4), tokens] += 1
+    frequencies = counts / 4000
+    torch.testing.assert_close(frequencies[0], torch.tensor([0.1, 0.2, 0.7]), atol=0.03, rtol=0)
+    torch.testing.assert_close(frequencies[1], torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
+    assert frequencies[2].tolist() == [0, 0, 1] and frequencies[3].tolist() == [1, 0, 0]
+
+
+def test_the_sampling_rules_keep_the_librarys_rules():
+    eos, vocab = 2150, 3072
+    rules = server.SamplingRules({"repetition_penalty": 1.05}, eos, vocab, torch.device("cpu"))
+    seen = torch.zeros(2, vocab, dtype=torch.bool)
+    greedy, uniforms = torch.zeros(2), torch.rand(2)
+    favour_eos = torch.full((2, vocab), -5.0)
+    favour_eos[:, eos] = 50.0
+    favour_eos[:, 3000] = 60.0                     # a control token: suppressed even though it is the best
+    for step in range(2):                          # no end of speech before two frames
+        assert eos not in rules.first_codes(favour_eos, seen, torch.full((2,), step), greedy, torch.ones(2),
+                                            uniforms).tolist()
+    assert rules.first_codes(favour_eos, seen, torch.tensor([2, 1]), greedy, torch.ones(2), uniforms).tolist()[0] == eos
+    penalised = torch.zeros(2, vocab)
+    penalised[:, 7], penalised[:, 8] = 1.0, 1.04   # 1.04 beats 1.0, unless it was chosen before (1.04 / 1.05)
+    seen[0, 8] = True
+    assert rules.first_codes(penalised, seen, torch.full((2,), 5), greedy, torch.ones(2), uniforms).tolist() == [7, 8]
+    codes = rules.sub_codes(torch.randn(2, 2048), torch.full((2,), 0.9), torch.ones(2), uniforms)
+    assert codes.shape == (2,) and int(codes.max()) < 2048
+    assert rules.row_parameters(Sampling(temperature=0.3)) == {"temperature": 0.3, "top_p": 1.0,
+                                                               "sub_temperature": 0.3, "sub_top_p": 1.0}
+
+
+def test_one_draw_of_sixteen_uniforms_is_sixteen_draws_of_one():
+    """A row draws a step's 16 uniforms at once; seeded audio stays what it was when each code drew its own."""
+    for seed in range(20):
+        one_by_one, at_once = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        singles = [torch.rand((), generator=one_by_one).item() for _ in range(48)]
+        blocks = torch.cat([torch.rand(1, generator=at_once)] + [torch.rand(16, generator=at_once) for _ in range(3)])
+        assert blocks.tolist()[:48] == singles
+
+
+# ---- the engine against a reference: qwen_tts's own generate(), with the server's sampling rules
+def library_audio(tts, *, text: str, speaker: str, budget: int, sampling: Sampling, segment: int = 0,
+                  language: str = "english") -> np.ndarray:
+    """What the engine must give one row: the library's own generate_custom_voice (its prefill, its talker and code
+    predictor loops, its one-shot decode), with each code chosen by the server's sampling rules from the row's own
+    generator. Hooks make the chosen code the only finite logit, so the library's greedy loop takes it (its
+    max_new_tokens counts the prefill's call too)."""
+    talker = tts.model.talker
+    rules = server.SamplingRules(tts.generate_defaults, tts.model.config.talker_config.codec_eos_token_id,
+                                 talker.config.vocab_size, talker.device)
+    params = {name: torch.tensor([value]) for name, value in rules.row_parameters(sampling).items()}
+    generator = torch.Generator().manual_seed(sampling.row_seed(segment))
+    seen = torch.zeros(1, talker.config.vocab_size, dtype=torch.bool)
+    calls = [0]
+
+    def one_hot(logits: torch.Tensor, token: torch.Tensor) -> None:
+        logits[:, -1, :] = float("-inf")
+        logits[:, -1, int(token)] = 0.0
+
+    def first(module, args, kwargs, output):
+        tokens = rules.first_codes(output.logits[:, -1, :], seen, torch.tensor([calls[0]]), params["temperature"],
+                                   params["top_p"], torch.rand(1, generator=generator))
+        seen[0, tokens] = True
+        calls[0] += 1
+        one_hot(output.logits, tokens)
+        return output
+
+    def sub(module, args, kwargs, output):
+        one_hot(output.logits, rules.sub_codes(output.logits[:, -1, :], params["sub_temperature"],
+                                               params["sub_top_p"], torch.rand(1, generator=generator)))
+        return output
+
+    hooks = [talker.register_forward_hook(first, with_kwargs=True),
+             talker.code_predictor.register_forward_hook(sub, with_kwargs=True)]
+    try:
+        wavs, _ = tts.generate_custom_voice(text=text, speaker=speaker, language=language, max_new_tokens=budget + 1,
+                                            do_sample=False, subtalker_dosample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return wavs[0]
+
+
+def assert_same_audio(ours: np.ndarray, library: np.ndarray) -> None:
+    """Same codes give the same audio up to the incremental decoder's float error (see the streaming decoder test)."""
+    assert ours.shape == library.shape
+    assert np.max(np.abs(ours - library)) < 1e-4
+
+
+def test_seeded_rows_alone_batched_and_joining_give_the_librarys_audio(engine, tiny_dir, tiny_model):
+    """Rows alone, in a batch and joining one, with rows leaving around them, each give what the library gives for
+    that row alone with the same sampling rules and draws."""
+    requests = [dict(segments=("Hi.",), budgets=(60,), sampling=Sampling(seed=5)),
+                dict(segments=("A much longer sentence, whose prefill is longer than the others.",), budgets=(14,),
+                     speaker="ryan", sampling=Sampling(seed=6)),
+                dict(segments=("Yes.",), budgets=(9,), speaker="sohee", sampling=Sampling(seed=7, temperature=0.5,
+                                                                                        top_p=0.8))]
+
+    async def scenario():
+        jobs = [make_job(model_id=tiny_dir, **kw) for kw in requests]
+        started = asyncio.Event()
+        engine.submit(jobs[0])
+        first = asyncio.ensure_future(audio_of(jobs[0], started))
+        await started.wait()                                  # the others join a running batch
+        for job in jobs[1:]:
+            engine.submit(job)
+        rest = await asyncio.gather(*(audio_of(job) for job in jobs[1:]))
+        return [await first, *rest]
+
+    audio = asyncio.run(scenario())
+    for kw, ours in zip(requests, audio, strict=True):
+        expected = library_audio(tiny_model, text=kw["segments"][0], speaker=kw.get("speaker", "vivian"),
+                                 budget=kw["budgets"][0], sampling=kw["sampling"])
+        assert_same_audio(ours, expected)
+
+
+# ---- the static decode path: slots, the step without host synchronisation, graphs, sizes
+@pytest.fixture()
+def manager(tiny_dir):
+    manager = server.ModelManager(tiny_dir, Settings(model_id=tiny_dir, dtype="float32", max_batch_size=4,
+                                                     kv_cache_tokens=256))
+    manager.ensure_loaded()
+    yield manager
+    manager.unload()
+
+
+def _running_batch(manager, *budgets: int) -> server.DecodeBatch:
+    """A DecodeBatch (entered) with one seeded row per budget, prefilled."""
+    batch = server.DecodeBatch(manager, lambda _: None, lambda _: None).__enter__()
+    jobs = [make_job(model_id=manager.model_id, budgets=(budget,), sampling=Sampling(seed=i))
+            for i, budget in enumerate(budgets)]
+    batch.add([(job, 0) for job in jobs])
+    return batch
+
+
+def test_the_audit_catches_every_kind_of_host_synchronisation():
+    x = torch.arange(6.0)
+    for read in (lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x[0] > 1), lambda: int(x[2]),
+                 lambda: x[x > 2], lambda: x.nonzero(), lambda: x.numpy(), lambda: x.cpu()):
+        with pytest.raises(HostSync), DeviceAudit(strict=True):
+            read()
+    with DeviceAudit() as audit:
+        torch.ones(3).add(1).mul(2)
+    assert audit.total_dispatches == 3 and audit.total_syncs == 0
+    assert x.tolist() == [0, 1, 2, 3, 4, 5]            # the audit put Tensor.tolist back
+
+
+def test_the_decode_step_makes_no_host_synchronisation(manager):
+    """What a CUDA graph captures (DecodeStep.predict and .talk) never waits for the device: capture cannot break
+    on a GPU, and an eager step never stalls the launch queue."""
+    with torch.inference_mode():
+        batch = _running_batch(manager, 20, 20, 20)
+        step = manager.decoder.step
+        with DeviceAudit(strict=True) as audit:
+            step.predict(3)
+            step.talk(3, max(row.length for row in batch.rows) + 1)
+            step.predict(4)                              # a bucket larger than the batch: a free slot runs too
+            step.talk(4, 256)
+        batch.__exit__(None, None, None)
+    assert audit.total_dispatches > 500                 # it saw the whole step
+
+
+def _decode_state(slots: server.SlotTable) -> dict[str, torch.Tensor]:
+    return {name: getattr(slots, name).clone() for name in ("codes", *slots.PER_ROW)} | {
+        f"keys{i}": k.clone() for i, k in enumerate(slots.keys)}
+
+
+def test_a_step_over_free_slots_leaves_the_rows_as_they_would_be_and_stays_finite(manager):
+    """A graph's batch bucket can be larger than the batch: the free slots it runs (holding whatever their last row
+    left) must not change a live row's results, nor produce NaN, nor advance."""
+    with torch.inference_mode():
+        batch = _running_batch(manager, 30, 30, 3)
+        for _ in range(4):                               # the third row ends and leaves a stale, free slot
+            batch.step()
+        assert [row.slot for row in batch.rows] == [0, 1] and not manager.decoder.slots.active[2:].any()
+        slots, step = manager.decoder.slots, manager.decoder.step
+        length = max(row.length for row in batch.rows) + 1
+        slots.uniforms.uniform_()
+        before = _decode_state(slots) | {"uniforms": slots.uniforms.clone()}
+
+        def restore() -> None:
+            for name, value in before.items():
+                target = slots.keys[int(name[4:])] if name.startswith("keys") else getattr(slots, name)
+                target.copy_(value)
+
+        def run(rows: int) -> dict[str, torch.Tensor]:
+            step.predict(rows)
+            step.talk(rows, length)
+            return _decode_state(slots)
+
+        exact = run(2)
+        restore()
+        stale = run(4)
+        restore()
+        slots.past_hidden[2:].normal_()                   # other garbage in the free slots
+        slots.tokens[2:] = 17
+        slots.lengths[2:] = torch.tensor([200, 5])
+        slots.keys[0][2:].normal_()
+        other = run(4)
+        batch.__exit__(None, None, None)
+    for name in ("codes", "tokens", "past_hidden", "seen", "steps", "lengths", "keys0"):
+        assert torch.equal(other[name][:2], stale[name][:2]), name       # free slots do not reach live rows
+        assert torch.isfinite(stale[name].float()).all() and torch.isfinite(other[name].float()).all(), name
+    for name in ("codes", "tokens", "seen", "steps", "lengths"):       # and the rows choose what they would alone
+        assert torch.equal(stale[name][:2], exact[name][:2]), name     # (floats may differ in the last bit with
+    torch.testing.assert_close(stale["past_hidden"][:2], exact["past_hidden"][:2])   # the batch's GEMM shape)
+    assert torch.equal(stale["lengths"][2:], before["lengths"][2:])   # free slots do not advance
+
+
+def test_a_row_that_moves_into_a_freed_slot_keeps_its_audio(manager, tiny_model):
+    """Rows leave in the middle and at the start; the last row moves into the hole, and every row's audio is the
+    library's for that row alone."""
+    requests = [dict(budgets=(4,), sampling=Sampling(seed=11)), dict(budgets=(9,), sampling=Sampling(seed=12)),
+                dict(budgets=(16,), sampling=Sampling(seed=13))]
+    audio: dict[int, list] = collections.defaultdict(list)
+    jobs = [make_job(model_id=manager.model_id, **kw) for kw in requests]
+    for i, job in enumerate(jobs):
+        job.emit_audio = lambda segment, pcm, i=i: audio[i].append(pcm)
+        job.end_segment = lambda segment: None
+    slots_seen = []
+    with torch.inference_mode(), server.DecodeBatch(manager, lambda _: None, lambda _: None) as batch:
+        batch.add([(job, 0) for job in jobs])
+        while batch.rows:
+            batch.step()
+            slots_seen.append([(jobs.index(row.job), row.slot) for row in batch.rows])
+    assert [(2, 0)] in slots_seen                     # the last row moved to the front
+    for i, kw in enumerate(requests):
+        assert_same_audio(np.concatenate(audio[i]), library_audio(tiny_model, text="Hello there.", speaker="vivian",
+                                                                  budget=kw["budgets"][0], sampling=kw["sampling"]))
+
+
+def test_a_failed_graph_capture_leaves_the_eager_path_working(manager, monkeypatch):
+    """A capture that fails on a user's GPU (here: no GPU at all behind a CUDA device) must leave a working server
+    that decodes eagerly, and say so."""
+    decoder = manager.decoder
+    monkeypatch.setattr(decoder.slots, "device", torch.device("cuda"))
+    warnings = []
+    handler = server.logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        decoder.capture_graphs()
+    finally:
+        server.logger.remove(handler)
+    assert decoder.graphs is None and decoder.graph_state == "failed"
+    assert any("decoding eagerly" in w for w in warnings)
+    assert manager.snapshot()["cuda_graphs"] == "failed"
+    monkeypatch.undo()
+    with torch.inference_mode():
+        batch = _running_batch(manager, 3)
+        while batch.rows:
+            batch.step()
+        batch.__exit__(None, None, None)
+    assert batch.peak == 1
+
+
+def test_graph_buckets_cover_every_batch_size_and_cache_length():
+    """A step runs the smallest captured bucket that holds it: powers of two, then the limit itself."""
+    assert server._buckets(16, 1) == [1, 2, 4, 8, 16] and server._buckets(6, 1) == [1, 2, 4, 6]
+    assert server._buckets(2048, 64) == [64, 128, 256, 512, 1024, 2048] and server._buckets(64, 64) == [64]
+
+
+def test_the_decode_buffers_are_sized_from_settings_reported_and_freed_on_unload(manager):
+    snap = manager.snapshot()
+    talker = manager.tts.model.talker.config
+    per_position = 2 * talker.num_hidden_layers * talker.num_key_value_heads * talker.head_dim * 4   # float32 K+V
+    assert snap["decode_slots"] == 4 and snap["kv_cache_tokens"] == 256
+    assert snap["decode_cache_bytes"] >= 4 * 256 * per_position
+    assert snap["cuda_graphs"] == "off"                  # a CPU: the same static step runs eagerly
+    keys = weakref.ref(manager.decoder.slots.keys[0])
+    manager.unload()
+    gc.collect()
+    assert keys() is None and manager.snapshot()["decode_cache_bytes"] == 0
+    manager.ensure_loaded()
+    assert manager.snapshot()["decode_cache_bytes"] == snap["decode_cache_bytes"]
+
+
+def test_a_row_longer_than_its_slot_stops_at_the_end_of_the_cache_and_a_prompt_that_cannot_fit_fails(tiny_dir):
+    manager = server.ModelManager(tiny_dir, Settings(model_id=tiny_dir, dtype="float32", max_batch_size=2,
+                                                     kv_cache_tokens=64))
+    manager.ensure_loaded()
+    try:
+        with torch.inference_mode():
+            batch = _running_batch(manager, 500)
+            room = 64 - batch.rows[0].length
+            job = batch.rows[0].job
+            while batch.rows:
+                batch.step()
+            assert job.output_frames == room and job.state == "done"
+            long_text = make_job(model_id=tiny_dir, segments=("word " * 80,))
+            with pytest.raises(RuntimeError, match="KV_CACHE_TOKENS=64"):
+                batch.add([(long_text, 0)])
+            batch.__exit__(None, None, None)
+    finally:
+        manager.unload()
 
 
 def greedy_job(model_id: str, **kw) -> Job:

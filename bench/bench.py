@@ -8,6 +8,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py arrivals [--model DIR]   # staggered arrivals: continuous vs static vs serial
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
     .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost; the store on SQLite vs PostgreSQL
+    .venv/bin/python bench/bench.py engine   [--model DIR]   # the decode step in process: library-driven vs static
 
 --model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
 --full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
@@ -32,6 +33,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
 from testkit import free_port  # noqa: E402
 
 TINY = ROOT / "build" / "checkpoints" / "tiny-0.6B-CustomVoice"
@@ -399,9 +401,52 @@ def store_latency(args: argparse.Namespace, env: dict, reference: bytes) -> None
           [[name, *(f"{statistics.median(r[name]) * 1000:.1f}" for r in results.values())] for name in names])
 
 
+def scenario_engine(args: argparse.Namespace) -> None:
+    """Per frame: operator dispatches and host synchronisations of the library-driven step (qwen_tts's generate())
+    and of the static step, then ms per step at 1, 4 and 16 rows, on --model and (when built) the full-size
+    checkpoint, with fewer steps there. Also what a row leaving costs: a compacting move vs the wider step a free
+    list would run."""
+    import engine_bench as eb
+
+    full = ROOT / "build" / "checkpoints" / "random-0.6B-CustomVoice"
+    models = [(args.model, args.steps)] + ([(str(full), args.full_steps)] if full.is_dir() and args.full_steps else [])
+    counts, timings, leaves = [], [], []
+    for model, steps in models:
+        name = Path(model).name
+        manager = eb.load(model, args.dtype, 16, args.kv_cache_tokens, graphs=False)
+        try:
+            old = eb.library_steps(manager, 1, WARM + steps, audit=True)[WARM:]
+            new = eb.static_steps(manager, 1, max(2, steps // 2), audit=True)
+            counts.append([name, *(f"{eb.median(records, key):.0f}" for records in (old, new)
+                                   for key in ("dispatches", "views", "syncs"))])
+            for rows in (1, 4, 16):
+                old = eb.library_steps(manager, rows, WARM + steps)[WARM:]
+                new = eb.static_steps(manager, rows, steps)
+                timings.append([name, rows, fmt(eb.median(old, "seconds") * 1000, 1),
+                                fmt(eb.median(new, "seconds") * 1000, 1)])
+            four, eight = (eb.median(eb.static_steps(manager, rows, steps), "seconds") for rows in (4, 8))
+            length = min(500, args.kv_cache_tokens)
+            leaves.append([name, fmt(eb.move_seconds(manager, length) * 1000, 2), fmt(four * 1000, 1),
+                           fmt(eight * 1000, 1)])
+        finally:
+            manager.unload()
+    table("engine: per frame, steady state (1 row)",
+          ["model", "library: dispatches", "of them views", "host syncs", "static: dispatches", "of them views",
+           "host syncs"], counts)
+    table(f"engine: ms per decode step (median; {args.dtype}, torch threads {__import__('torch').get_num_threads()})",
+          ["model", "rows", "library-driven", "static"], timings)
+    table("engine: a row leaving -- compaction moves the last row into the hole; a free list instead steps over "
+          "every slot up to the highest live one",
+          ["model", f"move of {min(500, args.kv_cache_tokens)} positions, ms", "step: 4 rows in slots 0-3, ms",
+           "step: 4 live rows spread over 8 slots, ms"], leaves)
+
+
+WARM = 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices"])
+    parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices", "engine"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -409,10 +454,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--base", help="voices: the Base model (default: --model with CustomVoice -> Base)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
+    parser.add_argument("--steps", type=int, default=12, help="engine: steps measured per figure")
+    parser.add_argument("--full-steps", type=int, default=3, help="engine: steps on the full-size model (0: skip)")
+    parser.add_argument("--dtype", default="float32", help="engine: the model's dtype")
+    parser.add_argument("--kv-cache-tokens", type=int, default=256, help="engine: KV_CACHE_TOKENS")
     args = parser.parse_args()
     args.env = dict(kv.split("=", 1) for kv in args.env)
     {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "arrivals": scenario_arrivals,
-     "overload": scenario_overload, "voices": scenario_voices}[args.scenario](args)
+     "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine}[args.scenario](args)
 
 
 if __name__ == "__main__":

@@ -62,16 +62,33 @@ TINY = {
                         "enc_se_channels": 16},
     "text_vocab_size": None,  # the tokenizer's own size
 }
-# The real Qwen3-TTS-12Hz-0.6B-CustomVoice widths (../shared/qwen3-tts/configs): 905.8M + 153.7M parameters.
-FULL = {
-    "talker": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-               "num_key_value_heads": 8, "head_dim": 128, "mrope_section": [24, 20, 20], "text_hidden_size": 2048},
-    "code_predictor": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 5,
-                       "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128},
-    "speaker_encoder": {"enc_channels": [512, 512, 512, 512, 1536], "enc_attention_channels": 128,
-                        "enc_res2net_scale": 8, "enc_se_channels": 128},
-    "text_vocab_size": 151936,
-}
+# The real Qwen3-TTS-12Hz-0.6B-CustomVoice configuration (905.8M + 153.7M parameters), read from its config files:
+# tools/qwen3-tts-configs/ is a copy of ../shared/qwen3-tts/configs/, in the repo so that a machine that gets only the
+# working tree (the GPU benchmark's) builds the same checkpoint.
+REAL_CONFIG_DIR = HERE / "qwen3-tts-configs"
+_WIDTHS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim")
+
+
+def _real_config(name: str) -> dict:
+    return json.loads((REAL_CONFIG_DIR / name).read_text(encoding="utf-8"))
+
+
+def _full_profile() -> dict:
+    talker = _real_config("0.6B-CustomVoice.config.json")["talker_config"]
+    predictor = talker["code_predictor_config"]
+    return {
+        "talker": {**{k: talker[k] for k in _WIDTHS}, "mrope_section": talker["rope_scaling"]["mrope_section"],
+                   "text_hidden_size": talker["text_hidden_size"]},
+        "code_predictor": {k: predictor[k] for k in _WIDTHS},
+        # not in the released config: widths of the ECAPA speaker encoder of the Base model (1024-d embeddings)
+        "speaker_encoder": {"enc_channels": [512, 512, 512, 512, 1536], "enc_attention_channels": 128,
+                            "enc_res2net_scale": 8, "enc_se_channels": 128},
+        "text_vocab_size": talker["text_vocab_size"],
+    }
+
+
+FULL = _full_profile()
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tts_pad|>", "<|tts_bos|>", "<|tts_eos|>"]
 
@@ -207,25 +224,7 @@ TINY_SPEECH_TOKENIZER = {
     },
 }
 
-FULL_SPEECH_TOKENIZER = {
-    **TINY_SPEECH_TOKENIZER,
-    "decoder_config": {
-        "attention_bias": False, "attention_dropout": 0.0,
-        "latent_dim": 1024, "codebook_dim": 512, "codebook_size": 2048, "decoder_dim": 1536,
-        "hidden_act": "silu", "hidden_size": 512, "intermediate_size": 1024,
-        "layer_scale_initial_scale": 0.01, "max_position_embeddings": 8000, "head_dim": 64,
-        "num_attention_heads": 16, "num_hidden_layers": 8, "num_key_value_heads": 16, "rms_norm_eps": 1e-05,
-        "rope_theta": 10000, "semantic_codebook_size": 4096, "sliding_window": 72,
-        "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2],
-        "vector_quantization_hidden_dimension": 512,
-    },
-    "encoder_config": {
-        **TINY_SPEECH_TOKENIZER["encoder_config"],
-        "codebook_dim": 256, "vector_quantization_hidden_dimension": 256, "hidden_size": 512, "num_filters": 64,
-        "upsample_groups": 512, "num_hidden_layers": 8, "intermediate_size": 2048, "num_attention_heads": 8,
-        "num_key_value_heads": 8, "head_dim": 64,
-    },
-}
+FULL_SPEECH_TOKENIZER = _real_config("speech_tokenizer.config.json")
 
 SPEECH_TOKENIZER_PREPROCESSOR = {
     "feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "sampling_rate": 24000,
@@ -339,7 +338,10 @@ def build_checkpoint(out: Path, kind: str, size: str, profile: dict, seed: int, 
 
 def fingerprint() -> str:
     """Changes whenever this script changes: a stale build is rebuilt, a current one is reused."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for config in sorted(REAL_CONFIG_DIR.glob("*.json")):
+        digest.update(config.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build_all(out_dir: Path, names: list[str] = TINY_NAMES, force: bool = False) -> list[Path]:
