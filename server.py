@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from fractions import Fraction
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, Optional, Protocol, TypeVar, Union, cast
 
 import numpy as np
@@ -50,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
@@ -183,6 +185,7 @@ class Settings:
     port: int = setting("PORT", 8000, lo=1, hi=65535)
     api_key: str = setting("API_KEY", "")
     unix_socket_path: str = setting("UNIX_SOCKET_PATH", "")
+    read_timeout: float = setting("READ_TIMEOUT", 60.0, lo=1, hi=3600)
     ssl_keyfile: str = setting("SSL_KEYFILE", "")
     ssl_certfile: str = setting("SSL_CERTFILE", "")
     prometheus_enabled: bool = setting("PROMETHEUS_ENABLED", True)
@@ -272,6 +275,27 @@ class Conflict(ServiceError):
         self.param, self.code = param, code
 
 
+class InvalidRequest(ServiceError):
+    """A request that cannot be served as asked (an unknown voice, too much text, instructions the model cannot
+    follow...), whatever its wire: `param` names the field, `code` the problem."""
+
+    def __init__(self, message: str, *, param: Optional[str], code: str):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class TooLarge(ServiceError):
+    """A request body, an upload or the audio it decodes to is over its limit; the message names the limit."""
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: str = "request_too_large"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ClientTooSlow(ServiceError):
+    """The client did not send its request within READ_TIMEOUT."""
+
+
 class ApiError(ServiceError):
     """An error already in HTTP terms (a bad request field, a missing API key), answered as
     {"error": {message, type, param, code}}."""
@@ -283,7 +307,18 @@ class ApiError(ServiceError):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """OpenAI's envelope, and beside it the seed's top-level `code` and `message` (the SDK reads `error` only)."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
+                "code": seed_code(self.code, self.status), "message": self.message}
+
+
+# The seed's clients read an error's `code` at the top level of the body, in capitals: our code upper-cased, except
+# where the seed named the error itself.
+SEED_CODES = {"invalid_voice": "UNKNOWN_VOICE", "voice_not_found": "UNKNOWN_VOICE"}
+
+
+def seed_code(code: Optional[str], status: int) -> str:
+    return SEED_CODES.get(code or "") or (code or HTTPStatus(status).name).upper()
 
 
 # Each domain error's HTTP status, OpenAI error type and code (None: the error carries its own code).
@@ -297,6 +332,9 @@ HTTP_ERRORS: dict[type[ServiceError], tuple[int, str, Optional[str]]] = {
     StoreUnavailable: (503, "server_error", "voice_store_unavailable"),
     NotFound: (404, "invalid_request_error", None),
     Conflict: (409, "invalid_request_error", None),
+    InvalidRequest: (400, "invalid_request_error", None),
+    TooLarge: (413, "invalid_request_error", None),
+    ClientTooSlow: (408, "invalid_request_error", "request_timeout"),
 }
 
 
@@ -311,15 +349,47 @@ def api_error(exc: ServiceError) -> ApiError:
                     code=getattr(exc, "code", None) or code, headers=headers)
 
 
+def quoted(value: Any, limit: int = 40) -> str:
+    """A client's value inside a message: repr() (control characters and lone surrogates escaped), and only a short
+    prefix of a long one, so that an error never echoes a large input back."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 # ---- request models
 ResponseFormat = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+MAX_INSTRUCTIONS_CHARS = 4096             # OpenAI's limit for `instructions`
+
+
+def text_problem(value: str) -> Optional[str]:
+    """What makes a string unusable as text, or None: a lone surrogate (JSON can carry "\\ud800", UTF-8 cannot) or
+    a NUL character."""
+    if "\x00" in value:
+        return f"contains a NUL character (U+0000) at position {value.index(chr(0))}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode text: a lone surrogate (U+{ord(value[exc.start]):04X}) at position {exc.start}"
+    return None
+
+
+def _valid_text(value: Any) -> Any:
+    """A before-validator for text fields: strings (and a voice object's id) must be text (text_problem); other types
+    are left to the field's own validation."""
+    text = value.get("id") if isinstance(value, dict) else value
+    problem = text_problem(text) if isinstance(text, str) else None
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class VoiceRef(BaseModel):
     """OpenAI's custom-voice object form: {"id": "..."}."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=256)
+
+    _text = field_validator("id", mode="before")(_valid_text)
 
 
 class SpeechRequest(BaseModel):
@@ -330,8 +400,9 @@ class SpeechRequest(BaseModel):
     model: Optional[str] = Field(default=None, max_length=200)
     input: str
     voice: Optional[Union[str, VoiceRef]] = None
-    instructions: Optional[str] = Field(default=None, max_length=4096)
-    instruct: Optional[str] = Field(default=None, max_length=4096, description="the seed's name for instructions")
+    instructions: Optional[str] = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
+    instruct: Optional[str] = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS,
+                                    description="the seed's name for instructions")
     response_format: Optional[ResponseFormat] = None
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Optional[Literal["audio", "sse"]] = None
@@ -340,6 +411,22 @@ class SpeechRequest(BaseModel):
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     sample_rate: Optional[int] = Field(default=None, ge=8000, le=48000)
+
+    _text = field_validator("model", "input", "instructions", "instruct", "language", mode="before")(_valid_text)
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice_name_or_object(cls, value: Any) -> Any:
+        """One message for every wrong voice (the union's own errors name its members, not the problem)."""
+        if value is None:
+            return None
+        wrapped = isinstance(value, dict) and set(value) == {"id"}
+        name = value["id"] if wrapped else value
+        if not isinstance(name, str):
+            raise ValueError('must be a voice name or an object {"id": "voice_..."}')
+        if len(name) > 256 or (wrapped and not name):
+            raise ValueError("must be a voice name or id of 1 to 256 characters")
+        return _valid_text(value)
 
     @field_validator("input")
     @classmethod
@@ -371,7 +458,8 @@ def validation_error_to_api_error(exc: Union[RequestValidationError, ValidationE
     if "input" in first and first.get("type") not in ("model_type", "dict_type"):
         shown = first["input"]
         shown = shown if not isinstance(shown, str) or len(shown) <= 60 else shown[:57] + "..."
-        message = f"{message} (got {json.dumps(shown, default=str)})"
+        text = json.dumps(shown, default=str)                 # a list nested 500 deep is short JSON, but not 2 KB
+        message = f"{message} (got {text if len(text) <= 80 else text[:77] + '...'})"
     return ApiError(400, f"'{param}': {message}" if param else message, param=param, code="invalid_value")
 
 
@@ -2384,26 +2472,31 @@ def compute_voice_prompt(tts: Any, audio: np.ndarray, ref_text: Optional[str]) -
 
 
 def reference_audio(data: bytes, param: str) -> np.ndarray:
-    """Uploaded reference audio -> 24 kHz mono float32, or a 413/400 that says what is wrong with it."""
+    """Uploaded reference audio -> 24 kHz mono float32, or the error that says what is wrong with it. Decoding stops
+    at REFERENCE_MAX_SECONDS: a file that decodes to an hour costs no more than one of a minute."""
     if len(data) > MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"'{param}' is {len(data) / 2**20:.1f} MiB; the limit is 10 MiB", param=param,
+        raise TooLarge(f"'{param}' is {len(data) / 2**20:.1f} MiB; the limit is 10 MiB", param=param,
                        code="file_too_large")
     if not data:
-        raise ApiError(400, f"'{param}' is empty", param=param, code="invalid_audio")
+        raise InvalidRequest(f"'{param}' is empty", param=param, code="invalid_audio")
     try:
-        pcm, rate = decode_audio(data)
+        pcm, rate = decode_audio(data, max_seconds=REFERENCE_MAX_SECONDS)
+    except AudioTooLong:
+        raise InvalidRequest(f"'{param}' is too long: more than {REFERENCE_MAX_SECONDS:g}s; at most "
+                             f"{REFERENCE_MAX_SECONDS:g}s (5 to 20 s works best)", param=param,
+                             code="audio_too_long") from None
+    except AudioTooLarge as exc:
+        raise TooLarge(f"'{param}' {exc}; send at most {REFERENCE_MAX_SECONDS:g}s of audio at an ordinary sample "
+                       "rate", param=param, code="audio_too_large") from None
     except ValueError as exc:
-        raise ApiError(400, f"'{param}' is not audio this server can read ({exc}); send wav, mp3, ogg, opus, flac, "
-                            "aac, m4a or webm", param=param, code="invalid_audio") from None
-    seconds = pcm.size / rate if rate else 0.0
+        raise InvalidRequest(f"'{param}' is not audio this server can read ({exc}); send wav, mp3, ogg, opus, "
+                             "flac, aac, m4a or webm", param=param, code="invalid_audio") from None
+    seconds = pcm.size / rate
     if seconds < REFERENCE_MIN_SECONDS:
-        raise ApiError(400, f"'{param}' is too short: {seconds:.2f}s; at least {REFERENCE_MIN_SECONDS:g}s of speech "
-                            "is needed (5 to 20 s works best)", param=param, code="audio_too_short")
-    if seconds > REFERENCE_MAX_SECONDS:
-        raise ApiError(400, f"'{param}' is too long: {seconds:.1f}s; at most {REFERENCE_MAX_SECONDS:g}s",
-                       param=param, code="audio_too_long")
+        raise InvalidRequest(f"'{param}' is too short: {seconds:.2f}s; at least {REFERENCE_MIN_SECONDS:g}s of "
+                             "speech is needed (5 to 20 s works best)", param=param, code="audio_too_short")
     if float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) < SILENCE_RMS:
-        raise ApiError(400, f"'{param}' is silent", param=param, code="audio_silent")
+        raise InvalidRequest(f"'{param}' is silent", param=param, code="audio_silent")
     if rate != SAMPLE_RATE:
         pcm = soxr.resample(pcm, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     return pcm
@@ -4637,42 +4730,70 @@ class AudioEncoder:
         self._finalizer()
 
 
-def _decode_frames(container: av.container.InputContainer, stream: av.AudioStream) -> list[av.AudioFrame]:
-    """Decode stream to planar float frames, skipping damaged packets as the ffmpeg tool does."""
+MAX_DECODED_BYTES = 64 * 2**20   # decoding one upload may produce at most this much (float32, every channel)
+
+
+class AudioTooLong(ValueError):
+    """Decoding stopped at the caller's length limit: the audio is longer."""
+
+
+class AudioTooLarge(ValueError):
+    """Decoding stopped at MAX_DECODED_BYTES: the audio expands to more samples than that (a decompression bomb, or
+    a very high sample rate and channel count)."""
+
+
+def _decoded_frames(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[av.AudioFrame]:
+    """The stream's frames as packed float (interleaved channels, one plane: PyAV 18 reads past the end of an
+    8-channel planar frame and crashes), one packet at a time, skipping damaged packets as the ffmpeg tool does."""
     import av
 
-    to_planar = av.AudioResampler(format="fltp")  # keeps the stream's own layout and rate
-    frames: list[av.AudioFrame] = []
+    to_packed = av.AudioResampler(format="flt")  # keeps the stream's own layout and rate
     damage: av.error.InvalidDataError | None = None
+    decoded_any = False
     for packet in container.demux(stream):
         try:
-            decoded = stream.decode(packet)
+            frames = stream.decode(packet)
         except av.error.InvalidDataError as error:
             damage = error
             continue
-        frames += [out for frame in decoded for out in to_planar.resample(frame)]
-    if damage is not None and not frames:
+        for frame in frames:
+            for packed in to_packed.resample(frame):
+                decoded_any = True
+                yield packed
+    if damage is not None and not decoded_any:
         raise damage
-    return frames + to_planar.resample(None)
+    yield from to_packed.resample(None)
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode a whole audio file from memory to float32 mono and its sample rate."""
+def decode_audio(data: bytes, max_seconds: float = math.inf) -> tuple[np.ndarray, int]:
+    """Decode an audio file from memory to float32 mono and its sample rate, a packet at a time: decoding stops as
+    soon as the audio is longer than max_seconds (AudioTooLong) or has produced MAX_DECODED_BYTES (AudioTooLarge),
+    so a small file that expands to hours costs no more than the limits. Undecodable data is a ValueError."""
     import av
 
+    mono: list[np.ndarray] = []
+    samples = produced = rate = 0
     try:
         with av.open(io.BytesIO(data), "r") as container:
             if not container.streams.audio:
                 raise ValueError("could not decode audio: no audio stream")
             stream = container.streams.audio[0]
-            frames = _decode_frames(container, stream)
-            rate = stream.codec_context.sample_rate
+            for frame in _decoded_frames(container, stream):
+                interleaved = frame.to_ndarray().reshape(-1, frame.layout.nb_channels)   # [samples, channels]
+                rate = rate or frame.sample_rate
+                produced += interleaved.nbytes
+                samples += interleaved.shape[0]
+                if samples > max_seconds * rate:
+                    raise AudioTooLong(f"longer than {max_seconds:g}s")
+                if produced > MAX_DECODED_BYTES:
+                    raise AudioTooLarge(f"decodes to more than {MAX_DECODED_BYTES // 2**20} MiB of samples")
+                mono.append(interleaved.mean(axis=1, dtype=np.float32))
+            rate = rate or stream.codec_context.sample_rate
     except av.error.FFmpegError as error:
         raise ValueError(f"could not decode audio: {error.strerror or error}") from error
     if not rate:
         raise ValueError("could not decode audio: unknown sample rate")
-    channels_mean = [frame.to_ndarray().mean(axis=0, dtype=np.float32) for frame in frames]
-    return np.concatenate([np.zeros(0, np.float32), *channels_mean]), rate
+    return np.concatenate([np.zeros(0, np.float32), *mono]), rate
 
 
 class AudioOutput:
@@ -4837,7 +4958,273 @@ async def until_disconnected(request: Request, awaitable: Any, poll: float = 0.2
                 await task
 
 
-# ---- HTTP: the application state and the request -> plan step shared by every endpoint
+# ---- HTTP: who speaks a request, and the plan of what it will say
+class Voices:
+    """A request's voice: a built-in speaker of MODEL_ID, or a custom voice (by id or name) whose stored prompt the
+    Base model speaks; and voice prompts computed from reference audio on the model thread, through the prompt
+    cache (VOICE_CACHE_MAX)."""
+
+    LISTED = 40                    # valid voices named in an 'unknown voice' message, at most
+
+    def __init__(self, settings: Settings, engine: Engine, prompts: LruCache[VoicePrompt],
+                 store: Callable[[], VoiceStore]):
+        self.settings, self.engine, self.prompts, self._store = settings, engine, prompts, store
+
+    async def model_info(self, model_id: Optional[str] = None) -> ModelInfo:
+        """What a model can do, from its config.json (no weights are loaded)."""
+        return await run_in_pool(self.engine.manager(model_id).describe)
+
+    async def clone_model(self) -> ModelInfo:
+        """The model that speaks cloned voices: MODEL_ID when it is a Base model, else BASE_MODEL_ID."""
+        info = await self.model_info()
+        if info.kind != "base":
+            info = await self.model_info(self.settings.base_model_id)
+        if info.kind != "base":
+            raise ModelUnavailable(f"BASE_MODEL_ID={self.settings.base_model_id!r} is a {info.kind} model; cloned "
+                                   "voices need a -Base model such as Qwen/Qwen3-TTS-12Hz-0.6B-Base")
+        return info
+
+    async def choose(self, voice: Union[str, VoiceRef, None]) -> VoiceChoice:
+        """A built-in speaker of MODEL_ID, or a custom voice spoken by the Base model. An unknown name is an
+        InvalidRequest naming the valid ones; an unknown {"id": ...} is NotFound."""
+        info = await self.model_info()
+        by_id = isinstance(voice, VoiceRef)
+        name = voice.id if isinstance(voice, VoiceRef) else (voice or "")
+        if info.kind == "custom_voice":
+            speaker = resolve_builtin_voice(name or self.settings.default_voice, set(info.speakers))
+            if speaker is not None:
+                return VoiceChoice(canonical_voice_name(name or self.settings.default_voice), info.model_id, speaker)
+        custom = await run_in_pool(self._store().voice, name) if name else None
+        if custom is not None:
+            clone = await self.clone_model()
+            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]),
+                               language=custom["language"])
+        if info.kind == "voice_design" and not by_id:
+            return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
+        if by_id:
+            raise NotFound(f"voice {quoted(name)} not found", param="voice", code="voice_not_found")
+        if not name:
+            raise InvalidRequest(f"model {info.model_id!r} has no built-in voices: name a custom voice (POST "
+                                 "/v1/audio/voices creates one)", param="voice", code="missing_required_parameter")
+        valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self._store().voices)]
+        listed = ", ".join(valid[:self.LISTED]) + (f" and {len(valid) - self.LISTED} more (GET /v1/audio/voices)"
+                                                   if len(valid) > self.LISTED else "")
+        raise InvalidRequest(f"unknown voice {quoted(name)}; valid voices: {listed or 'none yet'}", param="voice",
+                             code="invalid_voice")
+
+    async def stored_prompt(self, voice_id: str) -> VoicePrompt:
+        """A stored voice's prompt, through the prompt cache. The cache needs no invalidation across replicas: a
+        voice id is never reused and a voice's prompt never changes, and whether the voice still exists is asked of
+        the shared store on every request (choose_voice finds its row first), so a voice deleted through any replica
+        is a 404 on all of them at once; its cached prompt is unused memory that the LRU drops in time."""
+        key = f"voice:{voice_id}"
+        prompt = self.prompts.get(key)
+        if prompt is None:
+            prompt = await run_in_pool(self._store().prompt, voice_id)
+            if prompt is None:
+                raise NotFound(f"voice {quoted(voice_id)} not found", param="voice", code="voice_not_found")
+            self.prompts.put(key, prompt)
+        return prompt
+
+    async def prompt_from_audio(self, audio: np.ndarray, ref_text: Optional[str],
+                                cache_key: Optional[str]) -> VoicePrompt:
+        """Encode reference audio with the Base model (on the model thread), through the prompt cache."""
+        if cache_key and (cached := self.prompts.get(cache_key)) is not None:
+            return cached
+        clone = await self.clone_model()
+        started = time.monotonic()
+        prompt = await self.engine.call(clone.model_id, lambda tts: compute_voice_prompt(tts, audio, ref_text),
+                                        timeout=self.settings.request_timeout)
+        logger.info("voice prompt of {:.1f}s of audio ({}) computed in {:.2f}s", audio.size / SAMPLE_RATE,
+                    "in-context" if prompt.icl else "x-vector", time.monotonic() - started)
+        if cache_key:
+            self.prompts.put(cache_key, prompt)
+        return prompt
+
+
+class Planner:
+    """A speech request -> its SpeechPlan, checked against the model that will speak it (no side effects): the
+    same for every endpoint, the WebSocket included, so its errors are domain errors (InvalidRequest...)."""
+
+    def __init__(self, settings: Settings, voices: Voices):
+        self.settings, self.voices = settings, voices
+
+    async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None,
+                   voice: Optional[VoiceChoice] = None) -> SpeechPlan:
+        s = self.settings
+        if len(req.input) > s.max_input_chars:
+            raise InvalidRequest(f"'input' is {len(req.input)} characters long; the limit is {s.max_input_chars} "
+                                 "(MAX_INPUT_CHARS)", param="input", code="string_above_max_length")
+        voice = voice or await self.voices.choose(req.voice)
+        info = await self.voices.model_info(voice.model_id)
+        instructions = req.style
+        if instructions and not info.accepts_instructions:
+            reason = ("cloned voices are spoken by a Base model, which takes no instructions" if info.kind == "base"
+                      else "Qwen3-TTS 0.6B CustomVoice models ignore them")
+            raise InvalidRequest(f"model {info.model_id!r} cannot follow instructions ({reason}); remove "
+                                 "'instructions', or use a 1.7B CustomVoice or VoiceDesign model",
+                                 param="instructions", code="instructions_not_supported")
+        if info.kind == "voice_design" and not instructions:
+            raise InvalidRequest(f"model {info.model_id!r} designs its voice from 'instructions': describe the "
+                                 "voice there", param="instructions", code="missing_required_parameter")
+        native = SPEAKERS[voice.speaker].native_language if voice.speaker in SPEAKERS else None
+        language, iso = resolve_language(req.language, req.input, info.model_languages,
+                                         priors=(voice.language, s.default_language, native))
+        segments = await run_in_pool(self._prepare_text, req.input, iso)
+        if not segments:
+            raise InvalidRequest("'input' has nothing to speak after normalization", param="input",
+                                 code="invalid_value")
+        return SpeechPlan(
+            model_id=info.model_id, text=req.input, segments=tuple(segments),
+            budgets=tuple(token_budget(seg, iso or "en") for seg in segments), voice=voice.key,
+            speaker=voice.speaker, language=language, instructions=instructions,
+            sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), speed=req.speed,
+            sample_rate=req.sample_rate or SAMPLE_RATE,
+            response_format=response_format or req.response_format or s.default_response_format,
+            normalize=s.text_normalize, voice_prompt=voice.prompt)
+
+    def _prepare_text(self, text: str, iso: Optional[str]) -> list[str]:
+        if self.settings.text_normalize and iso:
+            text = normalize_text(text, iso)
+        return split_segments(text, iso or "en", self.settings.segment_max_chars)
+
+
+class RequestLog:
+    """The log line and the metrics of each synthesis response; the line carries the request's x-request-id (the
+    middleware puts it in loguru's context)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def cached(self, endpoint: str, plan: SpeechPlan) -> None:
+        """A response served whole from the audio cache."""
+        self.metrics.request(endpoint, plan.voice, plan.response_format, 200, cache_hit=True)
+        logger.bind(endpoint=endpoint, status=200, voice=plan.voice, format=plan.response_format, cache="hit").info(
+            "{} 200 {} chars from the audio cache", endpoint, len(plan.text))
+
+    def synthesized(self, endpoint: str, plan: SpeechPlan, status: int, synthesis: Synthesis, audio_seconds: float,
+                    started: float, cache_hit: Optional[bool] = None) -> None:
+        """A synthesis response that ended (status 499: the client went away); cache_hit None: no cache lookup."""
+        job = synthesis.job
+        elapsed = time.monotonic() - started
+        ttfa = (job.first_audio_at - job.created) if job.first_audio_at else None
+        rtf = audio_seconds / elapsed if audio_seconds and elapsed > 0 else None
+        self.metrics.request(endpoint, plan.voice, plan.response_format, status, cache_hit=cache_hit)
+        if status == 200:
+            self.metrics.synthesis(ttfa, rtf, elapsed)
+        logger.bind(job=job.id, endpoint=endpoint, status=status, voice=plan.voice, language=plan.language,
+                    chars=len(plan.text), segments=len(plan.segments), format=plan.response_format,
+                    audio_s=round(audio_seconds, 3), total_s=round(elapsed, 3),
+                    ttfa_s=round(ttfa, 3) if ttfa is not None else None, rtf=round(rtf, 2) if rtf else None,
+                    frames=job.output_frames).info(
+            "{} {} {} chars -> {:.2f}s audio in {:.2f}s (first audio {})", endpoint, status, len(plan.text),
+            audio_seconds, elapsed, f"{ttfa:.3f}s" if ttfa is not None else "-")
+
+
+# ---- HTTP: what clients see of errors and of the server's state
+class PathRedactor:
+    """Takes the file-system locations of the models, the hub cache and the data folder out of what clients see
+    (/health, /ready, /v1/models, every error message): a local model is named by its folder, the folders by their
+    variable (HF_HOME, DATA_DIR). The server's own logs keep the paths."""
+
+    def __init__(self, settings: Settings):
+        from huggingface_hub import constants
+
+        names: dict[str, str] = {}
+        for model_id in (settings.model_id, settings.base_model_id, settings.voice_design_model_id):
+            if os.path.isdir(model_id) or model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+                names[model_id] = names[os.path.abspath(model_id)] = os.path.basename(os.path.normpath(model_id))
+        names[os.path.abspath(constants.HF_HOME)] = "HF_HOME"
+        names[os.path.abspath(settings.data_dir)] = "DATA_DIR"
+        self._names = {path: name for path, name in names.items() if path != name}
+        self._paths = re.compile("|".join(map(re.escape, sorted(self._names, key=len, reverse=True))) or "(?!)")
+
+    def __call__(self, text: Optional[str]) -> Optional[str]:
+        return self._paths.sub(lambda m: self._names[m.group()], text) if text else text
+
+
+class ErrorReplies:
+    """Every error answer of the HTTP layer, from a domain error (api_error() maps it) or the layer's own ApiError:
+    paths taken out, counted in tts_errors_total, logged with the request id; the JSON is ASCII, so that no value a
+    client sent (a lone surrogate...) can break it."""
+
+    def __init__(self, metrics: Metrics, redact: PathRedactor):
+        self.metrics, self.redact = metrics, redact
+
+    def public(self, exc: ServiceError) -> ApiError:
+        """The error as a client may see it (also inside a stream that fails late)."""
+        error = api_error(exc)
+        return ApiError(error.status, self.redact(error.message) or "", type=error.type, param=error.param,
+                        code=error.code, headers=error.headers)
+
+    def response(self, path: str, exc: ServiceError) -> Response:
+        error = self.public(exc)
+        self.metrics.error(path, error.status, error.code)
+        logger.bind(status=error.status, code=error.code).info("{} {} {}: {}", quoted(path, 200), error.status,
+                                                               error.code, error.message)
+        return Response(json.dumps(error.body(), separators=(",", ":")), status_code=error.status,
+                        headers=error.headers, media_type="application/json")
+
+
+class Health:
+    """GET /health (the state, always 200) and GET /ready (200 once the model has loaded and warmed up), from
+    read-only state: answering them loads nothing and registers nothing."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def body(self) -> dict:
+        server, s, engine, redact = self.server, self.server.settings, self.server.engine, self.server.redact
+        manager = engine.manager()             # MODEL_ID's manager exists from the start; others are only read
+        snap = manager.snapshot()
+        stalled = engine.busy_since is not None and time.monotonic() - engine.heartbeat > 60
+        body = {
+            "status": "degraded" if stalled or snap["state"] == "failed" else "ok",
+            "model_loaded": snap["state"] == "ready",
+            "model_id": redact(s.model_id),
+            "model_state": snap["state"],
+            "model_error": redact(snap["error"]),
+            "cuda": torch.cuda.is_available(),
+            "device": snap["device"],
+            "dtype": snap["dtype"],
+            "codec_dtype": snap["codec_dtype"],
+            "attention": snap["attention"],
+            "torch_compile": snap["compiled"],
+            "load_seconds": snap["load_seconds"],
+            "queue_depth": engine.queue_depth,
+            "max_queue_depth": s.max_queue_depth,
+            "max_batch_size": s.max_batch_size,
+            "busy": engine.busy_since is not None,
+            "stalled": stalled,
+            "voices": builtin_voice_names(set(manager.info.speakers) if manager.info else None),
+            "audio_cache_size": len(server.cache),
+            "audio_cache_max": server.cache.max_entries,
+            "audio_cache_hits": server.cache.hits,
+            "voice_cache_size": len(server.prompts),
+            "voice_cache_max": server.prompts.max_entries,
+            "voice_cache_hits": server.prompts.hits,
+            "models": [{"role": role, **model, "model_id": redact(model["model_id"]), "error": redact(model["error"])}
+                       for role, model_id in (("default", s.model_id), ("base", s.base_model_id),
+                                              ("voice_design", s.voice_design_model_id))
+                       for model in [engine.model_snapshot(model_id)]],
+            "uptime_s": round(time.time() - server.started, 1),
+            "version": VERSION,
+        }
+        if torch.cuda.is_available():
+            body.update(gpu_name=torch.cuda.get_device_name(0),
+                        gpu_allocated_mb=round(torch.cuda.memory_allocated(0) / 2**20, 1),
+                        gpu_reserved_mb=round(torch.cuda.memory_reserved(0) / 2**20, 1))
+        return body
+
+    def readiness(self, draining: bool) -> tuple[bool, dict]:
+        """Ready once MODEL_ID has loaded and warmed up, and not while draining (balancers stop sending at once)."""
+        manager = self.server.engine.manager()
+        ready = manager.warmed and manager.state != "failed" and not draining
+        return ready, {"ready": ready, "model_state": manager.state, "model_error": self.server.redact(manager.error),
+                       "draining": draining}
+
+
+# ---- HTTP: the application state
 class InFlight:
     """The HTTP requests and WebSocket utterances being answered now (a token each, held on the event loop): a drain
     waits for those that were running when it began, not for the requests refused after it."""
@@ -4862,7 +5249,8 @@ class InFlight:
 
 
 class Server:
-    """Settings, engine, cache and metrics of one running server."""
+    """One running server: its settings, engine, caches and voice store, and the parts of the HTTP layer built on
+    them (voices, planner, request log, error replies, health)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -4875,9 +5263,12 @@ class Server:
         self._store_lock = threading.Lock()
         self.in_flight = InFlight()
         self.started = time.time()
-
-    async def model_info(self, model_id: Optional[str] = None) -> ModelInfo:
-        return await run_in_pool(self.engine.manager(model_id).describe)
+        self.voices = Voices(settings, self.engine, self.prompts, lambda: self.store)
+        self.planner = Planner(settings, self.voices)
+        self.requests = RequestLog(self.metrics)
+        self.redact = PathRedactor(settings)
+        self.errors = ErrorReplies(self.metrics, self.redact)
+        self.health = Health(self)
 
     @property
     def store(self) -> VoiceStore:
@@ -4894,133 +5285,43 @@ class Server:
                 self._store.close()
                 self._store = None
 
-    async def clone_model(self) -> ModelInfo:
-        """The model that speaks cloned voices: MODEL_ID when it is a Base model, else BASE_MODEL_ID."""
-        info = await self.model_info()
-        if info.kind != "base":
-            info = await self.model_info(self.settings.base_model_id)
-        if info.kind != "base":
-            raise ModelUnavailable(f"BASE_MODEL_ID={self.settings.base_model_id!r} is a {info.kind} model; cloned "
-                                   "voices need a -Base model such as Qwen/Qwen3-TTS-12Hz-0.6B-Base")
-        return info
-
     async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None,
                    voice: Optional[VoiceChoice] = None) -> SpeechPlan:
-        """Validate a speech request against its model and turn it into a plan (no side effects)."""
-        s = self.settings
-        if len(req.input) > s.max_input_chars:
-            raise ApiError(400, f"'input' is {len(req.input)} characters long; the limit is {s.max_input_chars} "
-                                f"(MAX_INPUT_CHARS)", param="input", code="string_above_max_length")
-        voice = voice or await self.choose_voice(req.voice)
-        info = await self.model_info(voice.model_id)
-        instructions = req.style
-        if instructions and not info.accepts_instructions:
-            reason = ("cloned voices are spoken by a Base model, which takes no instructions" if info.kind == "base"
-                      else "Qwen3-TTS 0.6B CustomVoice models ignore them")
-            raise ApiError(400, f"model {info.model_id!r} cannot follow instructions ({reason}); remove "
-                                "'instructions', or use a 1.7B CustomVoice or VoiceDesign model", param="instructions",
-                           code="instructions_not_supported")
-        if info.kind == "voice_design" and not instructions:
-            raise ApiError(400, f"model {info.model_id!r} designs its voice from 'instructions': describe the voice "
-                                "there", param="instructions", code="missing_required_parameter")
-        native = SPEAKERS[voice.speaker].native_language if voice.speaker in SPEAKERS else None
-        language, iso = resolve_language(req.language, req.input, info.model_languages,
-                                         priors=(voice.language, s.default_language, native))
-        segments = await run_in_pool(self._prepare_text, req.input, iso)
-        if not segments:
-            raise ApiError(400, "'input' has nothing to speak after normalization", param="input",
-                           code="invalid_value")
-        return SpeechPlan(
-            model_id=info.model_id, text=req.input, segments=tuple(segments),
-            budgets=tuple(token_budget(seg, iso or "en") for seg in segments), voice=voice.key,
-            speaker=voice.speaker, language=language, instructions=instructions,
-            sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), speed=req.speed,
-            sample_rate=req.sample_rate or SAMPLE_RATE,
-            response_format=response_format or req.response_format or s.default_response_format,
-            normalize=s.text_normalize, voice_prompt=voice.prompt)
+        """The planner's plan (the name every endpoint, the WebSocket's too, calls)."""
+        return await self.planner.plan(req, response_format=response_format, voice=voice)
 
-    def _prepare_text(self, text: str, iso: Optional[str]) -> list[str]:
-        if self.settings.text_normalize and iso:
-            text = normalize_text(text, iso)
-        return split_segments(text, iso or "en", self.settings.segment_max_chars)
+    def log_request(self, endpoint: str, plan: SpeechPlan, status: int, synthesis: Synthesis, audio_seconds: float,
+                    started: float) -> None:
+        """The request log's line for a response that looked in no cache (the WebSocket's utterances)."""
+        self.requests.synthesized(endpoint, plan, status, synthesis, audio_seconds, started)
 
-    async def choose_voice(self, voice: Union[str, VoiceRef, None]) -> VoiceChoice:
-        """A request's voice: a built-in speaker of MODEL_ID, or a custom voice (by id or name) spoken by the Base
-        model. Unknown names are a 400 listing the valid ones; an unknown {"id": ...} is a 404."""
-        info = await self.model_info()
-        by_id = isinstance(voice, VoiceRef)
-        name = voice.id if isinstance(voice, VoiceRef) else (voice or "")
-        if info.kind == "custom_voice":
-            speaker = resolve_builtin_voice(name or self.settings.default_voice, set(info.speakers))
-            if speaker is not None:
-                return VoiceChoice(canonical_voice_name(name or self.settings.default_voice), info.model_id, speaker)
-        custom = await run_in_pool(self.store.voice, name) if name else None
-        if custom is not None:
-            clone = await self.clone_model()
-            return VoiceChoice(custom["id"], clone.model_id, prompt=await self.stored_prompt(custom["id"]),
-                               language=custom["language"])
-        if info.kind == "voice_design" and not by_id:
-            return VoiceChoice("designed", info.model_id)       # the voice comes from the instructions
-        valid = builtin_voice_names(set(info.speakers)) + [v["name"] for v in await run_in_pool(self.store.voices)]
-        if by_id:
-            raise NotFound(f"voice {name!r} not found", param="voice", code="voice_not_found")
-        if not name:
-            raise ApiError(400, f"model {info.model_id!r} has no built-in voices: name a custom voice (POST "
-                                "/v1/audio/voices creates one)", param="voice", code="missing_required_parameter")
-        raise ApiError(400, f"unknown voice {name!r}; valid voices: {', '.join(valid) or 'none yet'}", param="voice",
-                       code="invalid_voice")
 
-    async def stored_prompt(self, voice_id: str) -> VoicePrompt:
-        """A stored voice's prompt, through the prompt cache. The cache needs no invalidation across replicas: a
-        voice id is never reused and a voice's prompt never changes, and whether the voice still exists is asked of
-        the shared store on every request (choose_voice finds its row first), so a voice deleted through any replica
-        is a 404 on all of them at once; its cached prompt is unused memory that the LRU drops in time."""
-        key = f"voice:{voice_id}"
-        prompt = self.prompts.get(key)
-        if prompt is None:
-            prompt = await run_in_pool(self.store.prompt, voice_id)
-            if prompt is None:
-                raise NotFound(f"voice {voice_id!r} not found", param="voice", code="voice_not_found")
-            self.prompts.put(key, prompt)
-        return prompt
+# ---- HTTP: the wire formats, each consuming Synthesis.chunks()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # proxies must not buffer a stream
 
-    async def voice_prompt(self, audio: np.ndarray, ref_text: Optional[str], cache_key: Optional[str]) -> VoicePrompt:
-        """Encode reference audio with the Base model (on the model thread), through the prompt cache."""
-        if cache_key and (cached := self.prompts.get(cache_key)) is not None:
-            return cached
-        clone = await self.clone_model()
-        started = time.monotonic()
-        prompt = await self.engine.call(clone.model_id, lambda tts: compute_voice_prompt(tts, audio, ref_text),
-                                        timeout=self.settings.request_timeout)
-        logger.info("voice prompt of {:.1f}s of audio ({}) computed in {:.2f}s", audio.size / SAMPLE_RATE,
-                    "in-context" if prompt.icl else "x-vector", time.monotonic() - started)
-        if cache_key:
-            self.prompts.put(cache_key, prompt)
-        return prompt
 
-    async def design_voice(self, description: str, script: str, language: str) -> np.ndarray:
-        """A VoiceDesign model reads `script` in the voice `description` describes: the reference of a new voice."""
-        info = await self.model_info()
-        design_id = info.model_id if info.kind == "voice_design" else self.settings.voice_design_model_id
-        design = await self.model_info(design_id)
-        if design.kind != "voice_design":
-            raise ModelUnavailable(f"VOICE_DESIGN_MODEL_ID={design_id!r} is a {design.kind} model; voices from a "
-                                   "prompt need a VoiceDesign model such as Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign")
-        req = SpeechRequest(input=script, instructions=description, language=language)
-        plan = await self.plan(req, response_format="pcm", voice=VoiceChoice("designed", design_id))
-        synthesis = Synthesis(self, plan, streaming=False)
-        return np.concatenate([pcm async for pcm in synthesis.chunks()])
+def sse(payload: Union[str, dict]) -> bytes:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
 
-    # -- the wire formats, all consuming Synthesis.chunks()
-    async def buffered(self, request: Request, plan: SpeechPlan, endpoint: str) -> Response:
+
+class WholeFile:
+    """The whole file at once, with Content-Length (a WAV with exact sizes): the seed's clients and /clone. The
+    answer is kept in the audio cache (wire "file")."""
+
+    def __init__(self, server: Server, endpoint: str):
+        self.server, self.endpoint = server, endpoint
+
+    async def respond(self, request: Request, plan: SpeechPlan) -> Response:
         media_type = FORMATS[plan.response_format]
         key = plan.cache_key("file")
-        started = time.monotonic()
-        cached = self.cache.get(key)
+        cached = self.server.cache.get(key)
         if cached is not None:
-            self.metrics.request(endpoint, plan.voice, plan.response_format, 200, cache_hit=True)
+            self.server.requests.cached(self.endpoint, plan)
             return Response(cached, media_type=media_type, headers={"X-Cache": "hit"})
-        synthesis = Synthesis(self, plan, streaming=False)
+        started = time.monotonic()
+        synthesis = Synthesis(self.server, plan, streaming=False)
         output = AudioOutput(plan.response_format, plan.speed, plan.sample_rate, streaming=False)
         status = 500
         try:
@@ -5035,8 +5336,9 @@ class Server:
         finally:
             output.close()
             synthesis.close()
-            self.log_request(endpoint, plan, status, synthesis, output.seconds, started)
-        self.cache.put(key, data)
+            self.server.requests.synthesized(self.endpoint, plan, status, synthesis, output.seconds, started,
+                                             cache_hit=False)
+        self.server.cache.put(key, data)
         return Response(data, media_type=media_type, headers={"X-Cache": "miss"})
 
     @staticmethod
@@ -5045,14 +5347,61 @@ class Server:
         parts.append(await run_in_pool(output.finish))
         return b"".join(parts)
 
-    async def stream(self, request: Request, plan: SpeechPlan, endpoint: str, fmt: str,
-                     frame: Callable[[bytes], bytes], end: Callable[[Synthesis], bytes],
-                     fail: Callable[[ApiError], bytes]) -> AsyncIterator[bytes]:
-        """Start the job and wait for its first audio (so that early failures are still HTTP errors), then return an
-        iterator of wire bytes: frame(encoded chunk) per chunk, end() at the end, fail(error) on a late failure."""
+
+class StreamCut(Exception):
+    """Raised by a raw stream's fail(): the response ends without its last chunk (CutStreamResponse)."""
+
+
+class CutStreamResponse(StreamingResponse):
+    """A StreamingResponse that a StreamCut in its body ends without the final empty chunk. The server then closes
+    the connection and an HTTP/1.1 client sees a truncated chunked body (curl: exit 18; httpx: RemoteProtocolError)
+    rather than a shorter body that looks complete: raw audio has no other way to say that it failed."""
+
+    async def stream_response(self, send: Callable) -> None:
+        with contextlib.suppress(StreamCut):
+            await super().stream_response(send)
+
+
+class Stream:
+    """A response sent as it is made. It waits for the first audio before it sends its headers, so that a failure
+    before any audio is still an HTTP error with its status and envelope; a failure after that ends the stream the
+    way its wire format says (fail). Subclasses give the framing."""
+
+    media_type = "application/octet-stream"
+    cached = False          # answers kept in the audio cache (wire "stream") and served from it whole
+
+    def __init__(self, server: Server, endpoint: str):
+        self.server, self.endpoint = server, endpoint
+
+    def content_type(self, plan: SpeechPlan) -> str:
+        return self.media_type
+
+    def headers(self, plan: SpeechPlan) -> dict[str, str]:
+        return {}
+
+    def frame(self, data: bytes) -> bytes:
+        return data
+
+    def end(self, synthesis: Synthesis) -> bytes:
+        return b""
+
+    def fail(self, error: ApiError) -> bytes:
+        raise StreamCut()
+
+    @staticmethod
+    def whole(plan: SpeechPlan, data: bytes) -> bytes:
+        """The streamed bytes as the cache keeps them, to be sent whole."""
+        return data
+
+    async def respond(self, request: Request, plan: SpeechPlan) -> Response:
+        headers = {**SSE_HEADERS, **self.headers(plan)}
+        key = plan.cache_key("stream") if self.cached and self.server.cache.max_entries else None
+        if key and (hit := self.server.cache.get(key)) is not None:
+            self.server.requests.cached(self.endpoint, plan)
+            return Response(hit, media_type=self.content_type(plan), headers={**headers, "X-Cache": "hit"})
         started = time.monotonic()
-        synthesis = Synthesis(self, plan, streaming=True)
-        output = AudioOutput(fmt, plan.speed, plan.sample_rate, streaming=True)
+        synthesis = Synthesis(self.server, plan, streaming=True)
+        output = AudioOutput(plan.response_format, plan.speed, plan.sample_rate, streaming=True)
         chunks = synthesis.chunks()
         try:
             first = await until_disconnected(request, anext(chunks, None))
@@ -5061,101 +5410,99 @@ class Server:
             await chunks.aclose()
             synthesis.close()      # also when the generator never started, so its own `finally` never ran
             status = api_error(exc).status if isinstance(exc, ServiceError) else 499
-            self.log_request(endpoint, plan, status, synthesis, 0.0, started)
+            self.server.requests.synthesized(self.endpoint, plan, status, synthesis, 0.0, started,
+                                             cache_hit=False if key else None)
             raise
+        body = self._body(plan, synthesis, output, chunks, first, started, key)
+        return CutStreamResponse(body, media_type=self.content_type(plan), headers={**headers, "X-Cache": "miss"})
 
-        async def body() -> AsyncIterator[bytes]:
-            status = 499  # until proven otherwise: the client went away
-            try:
-                pcm = first
-                while pcm is not None:
-                    data = await run_in_pool(output.feed, pcm)
-                    if data:
-                        yield frame(data)
-                    pcm = await anext(chunks, None)
-                data = await run_in_pool(output.finish)
-                if data:
-                    yield frame(data)
-                yield end(synthesis)
-                status = 200
-            except ServiceError as exc:
-                error = api_error(exc)
-                status = error.status
-                yield fail(error)
-            finally:
-                output.close()
-                await chunks.aclose()
-                self.log_request(endpoint, plan, status, synthesis, output.seconds, started)
-
-        return body()
-
-    def log_request(self, endpoint: str, plan: SpeechPlan, status: int, synthesis: Synthesis, audio_seconds: float,
-                    started: float) -> None:
-        job = synthesis.job
-        elapsed = time.monotonic() - started
-        ttfa = (job.first_audio_at - job.created) if job.first_audio_at else None
-        rtf = audio_seconds / elapsed if audio_seconds and elapsed > 0 else None
-        self.metrics.request(endpoint, plan.voice, plan.response_format, status, cache_hit=False)
-        if status == 200:
-            self.metrics.synthesis(ttfa, rtf, elapsed)
-        logger.bind(job=job.id, endpoint=endpoint, status=status, voice=plan.voice, language=plan.language,
-                    chars=len(plan.text), segments=len(plan.segments), format=plan.response_format,
-                    audio_s=round(audio_seconds, 3), total_s=round(elapsed, 3),
-                    ttfa_s=round(ttfa, 3) if ttfa is not None else None, rtf=round(rtf, 2) if rtf else None,
-                    frames=job.output_frames).info(
-            "{} {} {} chars -> {:.2f}s audio in {:.2f}s (first audio {})", endpoint, status, len(plan.text),
-            audio_seconds, elapsed, f"{ttfa:.3f}s" if ttfa is not None else "-")
-
-    def health(self) -> dict:
-        manager = self.engine.manager()
-        snap = manager.snapshot()
-        info = manager.info
-        stalled = self.engine.busy_since is not None and time.monotonic() - self.engine.heartbeat > 60
-        body = {
-            "status": "degraded" if stalled or snap["state"] == "failed" else "ok",
-            "model_loaded": snap["state"] == "ready",
-            "model_id": self.settings.model_id,
-            "model_state": snap["state"],
-            "model_error": snap["error"],
-            "cuda": torch.cuda.is_available(),
-            "device": snap["device"],
-            "dtype": snap["dtype"],
-            "codec_dtype": snap["codec_dtype"],
-            "attention": snap["attention"],
-            "torch_compile": snap["compiled"],
-            "load_seconds": snap["load_seconds"],
-            "queue_depth": self.engine.queue_depth,
-            "max_queue_depth": self.settings.max_queue_depth,
-            "max_batch_size": self.settings.max_batch_size,
-            "busy": self.engine.busy_since is not None,
-            "stalled": stalled,
-            "voices": builtin_voice_names(set(info.speakers) if info else None),
-            "audio_cache_size": len(self.cache),
-            "audio_cache_max": self.cache.max_entries,
-            "audio_cache_hits": self.cache.hits,
-            "voice_cache_size": len(self.prompts),
-            "voice_cache_max": self.prompts.max_entries,
-            "voice_cache_hits": self.prompts.hits,
-            "models": [{"role": role, **self.engine.model_snapshot(model_id)} for role, model_id in (
-                ("default", self.settings.model_id), ("base", self.settings.base_model_id),
-                ("voice_design", self.settings.voice_design_model_id))],
-            "uptime_s": round(time.time() - self.started, 1),
-            "version": VERSION,
-        }
-        if torch.cuda.is_available():
-            body.update(gpu_name=torch.cuda.get_device_name(0),
-                        gpu_allocated_mb=round(torch.cuda.memory_allocated(0) / 2**20, 1),
-                        gpu_reserved_mb=round(torch.cuda.memory_reserved(0) / 2**20, 1))
-        return body
+    async def _body(self, plan: SpeechPlan, synthesis: Synthesis, output: AudioOutput,
+                    chunks: AsyncIterator[np.ndarray], first: Optional[np.ndarray], started: float,
+                    key: Optional[str]) -> AsyncIterator[bytes]:
+        status = 499  # until proven otherwise: the client went away
+        sent: list[bytes] = []                   # what the cache keeps (with a key)
+        try:
+            pcm = first
+            while pcm is not None:
+                if data := await run_in_pool(output.feed, pcm):
+                    sent += [data] if key else []
+                    yield self.frame(data)
+                pcm = await anext(chunks, None)
+            if data := await run_in_pool(output.finish):
+                sent += [data] if key else []
+                yield self.frame(data)
+            if key:
+                self.server.cache.put(key, self.whole(plan, b"".join(sent)))
+            if tail := self.end(synthesis):
+                yield tail
+            status = 200
+        except ServiceError as exc:
+            error = self.server.errors.public(exc)
+            status = error.status
+            yield self.fail(error)                   # a raw stream's fail() raises StreamCut instead
+        finally:
+            output.close()
+            await chunks.aclose()
+            self.server.requests.synthesized(self.endpoint, plan, status, synthesis, output.seconds, started,
+                                             cache_hit=False if key else None)
 
 
-def sse(payload: Union[str, dict]) -> bytes:
-    """One server-sent event."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+class AudioStream(Stream):
+    """OpenAI's default: the audio bytes as they are made (chunked), in the requested format. A streamed WAV carries
+    0xFFFFFFFF sizes, MP3 no Xing/Info frame, FLAC no total length or MD5 (their muxers cannot seek back). Cached:
+    a hit is sent whole, a WAV then with its exact sizes; the other formats as streamed (valid whole files)."""
+
+    cached = True
+
+    def content_type(self, plan: SpeechPlan) -> str:
+        return FORMATS[plan.response_format]
+
+    @staticmethod
+    def whole(plan: SpeechPlan, data: bytes) -> bytes:
+        if plan.response_format != "wav":
+            return data
+        fixed = bytearray(data)                  # _WavBackend's 44-byte header: RIFF size at 4, data size at 40
+        struct.pack_into("<I", fixed, 4, len(data) - 8)
+        struct.pack_into("<I", fixed, 40, len(data) - 44)
+        return bytes(fixed)
 
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # proxies must not buffer a stream
+class OpenAiSse(Stream):
+    """OpenAI's SSE: a speech.audio.delta event per chunk, then speech.audio.done with the usage; a late failure is
+    an error event."""
+
+    media_type = "text/event-stream"
+
+    def frame(self, data: bytes) -> bytes:
+        return sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+
+    def end(self, synthesis: Synthesis) -> bytes:
+        return sse({"type": "speech.audio.done", "usage": synthesis.usage})
+
+    def fail(self, error: ApiError) -> bytes:
+        return sse({"type": "error", **error.body()})
+
+
+class SeedSse(Stream):
+    """The seed's SSE: base64 of int16 PCM per event, then [DONE]; a late failure is [ERROR] message."""
+
+    media_type = "text/event-stream"
+
+    def frame(self, data: bytes) -> bytes:
+        return sse(base64.b64encode(data).decode())
+
+    def end(self, synthesis: Synthesis) -> bytes:
+        return sse("[DONE]")
+
+    def fail(self, error: ApiError) -> bytes:
+        return sse(f"[ERROR] {error.message}")
+
+
+class SeedPcm(Stream):
+    """The seed's raw stream: int16 little-endian mono PCM as it is made; the X-PCM-* headers say its shape."""
+
+    def headers(self, plan: SpeechPlan) -> dict[str, str]:
+        return {"X-PCM-Sample-Rate": str(plan.sample_rate), "X-PCM-Bit-Depth": "16", "X-PCM-Channels": "1"}
 
 
 def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
@@ -5199,38 +5546,149 @@ def web_page_url(settings: Settings) -> str:
     return f"{'https' if settings.ssl_keyfile else 'http'}://{host}:{settings.port}/"
 
 
+# ---- HTTP: middleware (outermost first: request id, API key, body limits)
+class RequestIdMiddleware:
+    """Gives every request an id: the client's X-Request-ID when it is sane, else a new one. Every log line written
+    while the request is served carries it (loguru's context: extra.request_id), and every response, the WebSocket
+    handshake included, sends it back as x-request-id."""
+
+    SANE = re.compile(r"[\w.:@/+=-]{1,128}", re.ASCII)
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if self.SANE.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id   # for the 500 handler, outside this middleware
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                message.setdefault("headers", [])
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        with logger.contextualize(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
 class ApiKeyMiddleware:
-    """With API_KEY set, every endpoint but /health and /ready needs `Authorization: Bearer <key>` (WebSocket: or
-    ?api_key=). The web page's own files are open too: the page asks for the key and sends it with every API call."""
+    """With API_KEY set, every path but /health, /ready and the web page's own files needs `Authorization: Bearer
+    <key>` (a WebSocket may send ?api_key=, percent-encoded): the page asks for the key and sends it with every API
+    call. Keys are compared in constant time; the log never shows one (configure_logging)."""
 
     OPEN_PATHS = ("/health", "/ready", "/")
     OPEN_PREFIXES = ("/static/",)
 
-    def __init__(self, app: Any, api_key: str):
-        self.app, self.api_key = app, api_key.encode()
+    def __init__(self, app: Any, api_key: str, errors: ErrorReplies):
+        self.app, self.api_key, self.errors = app, api_key.encode(), errors
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if (scope["type"] not in ("http", "websocket") or not self.api_key or scope["path"] in self.OPEN_PATHS
-                or scope["path"].startswith(self.OPEN_PREFIXES)):
-            return await self.app(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        auth = headers.get(b"authorization", b"")
-        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        if not token and scope["type"] == "websocket":
-            query = dict(p.split(b"=", 1) for p in scope.get("query_string", b"").split(b"&") if b"=" in p)
-            token = query.get(b"api_key", b"")
-        if hmac.compare_digest(token, self.api_key):
+        if (scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS
+                or scope["path"].startswith(self.OPEN_PREFIXES) or self._authorized(scope)):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "invalid or missing API key"})
             return
         error = ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <API_KEY>'",
-                         code="invalid_api_key")
-        body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await self.errors.response(scope["path"], error)(scope, receive, send)
+
+    def _authorized(self, scope: dict) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        key = token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
+        if not key and scope["type"] == "websocket":
+            key = QueryParams(scope.get("query_string", b"")).get("api_key", "").encode()
+        return hmac.compare_digest(key, self.api_key)
+
+
+def json_body_limit(max_input_chars: int) -> int:
+    """The largest JSON body a speech request needs: `input` and `instructions` at their limits, every character
+    written as the longest JSON escape (12 bytes: a surrogate pair of \\uXXXX), plus 16 KiB for the other fields."""
+    return 12 * (max_input_chars + MAX_INSTRUCTIONS_CHARS) + 16 * 2**10
+
+
+class BodyLimitMiddleware:
+    """Bounds every request body as it arrives. Over the path's limit, declared (Content-Length: at once) or
+    streamed (chunked: as soon as it passes the limit), it is a 413 naming the limit; a body that has not fully
+    arrived READ_TIMEOUT seconds after the request began is a 408. That answer replaces whatever the app was about
+    to say (a 400 about a body it could not read) and closes the connection: the rest is never read. (Starlette's
+    RequestBodyLimitMiddleware counts the same way, but answers a declared oversize with a plain-text 413 that
+    names no limit, and has no deadline.)"""
+
+    UPLOAD_PATHS = ("/v1/audio/voice_consents", "/v1/audio/voices", "/v1/audio/speech/clone")
+    UPLOAD_LIMIT = MAX_UPLOAD_BYTES + 2**20      # the file and the form around it
+
+    def __init__(self, app: Any, settings: Settings, errors: ErrorReplies):
+        self.app, self.errors, self.read_timeout = app, errors, settings.read_timeout
+        self.json_limit = json_body_limit(settings.max_input_chars)
+        self._json_why = (f"the limit of a JSON body (12 bytes per character of MAX_INPUT_CHARS="
+                          f"{settings.max_input_chars} and of the instructions, plus 16 KiB)")
+
+    def limit(self, path: str) -> tuple[int, str]:
+        if path in self.UPLOAD_PATHS:
+            return self.UPLOAD_LIMIT, "the limit of an upload (10 MiB for the file, 1 MiB for the rest of the form)"
+        return self.json_limit, self._json_why
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, why = self.limit(scope["path"])
+        too_large = TooLarge(f"the request body is larger than {limit} bytes, {why}")
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, too_large)
+        guard = _GuardedBody(receive, send, limit, too_large, self.read_timeout)
+        try:
+            await self.app(scope, guard.receive, guard.send)
+        except Exception:
+            if guard.refusal is None:
+                raise
+        if guard.refusal is not None and not guard.started:
+            await self._refuse(scope, receive, send, guard.refusal)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable, refusal: ServiceError) -> None:
+        response = self.errors.response(scope["path"], refusal)
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+class _GuardedBody:
+    """One request's receive and send as BodyLimitMiddleware watches them: counts the body, holds it to the
+    deadline, and after a refusal drops the app's own answer."""
+
+    def __init__(self, receive: Callable, send: Callable, limit: int, too_large: TooLarge, read_timeout: float):
+        self._receive, self._send, self.limit, self.too_large = receive, send, limit, too_large
+        self.read_timeout = read_timeout
+        self.deadline = asyncio.get_running_loop().time() + read_timeout
+        self.received = 0
+        self.complete = False
+        self.refusal: Optional[ServiceError] = None
+        self.started = False
+
+    async def receive(self) -> dict:
+        if self.complete:            # later reads wait for a disconnect: no deadline
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), self.deadline - asyncio.get_running_loop().time())
+        except asyncio.TimeoutError:
+            self.refusal = ClientTooSlow(f"the request body did not arrive within READ_TIMEOUT={self.read_timeout:g}s")
+            raise self.refusal from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+            if self.received > self.limit:
+                self.refusal = self.too_large
+                raise self.refusal
+        return message
+
+    async def send(self, message: dict) -> None:
+        if self.refusal is not None:
+            return
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
 
 
 # ---- HTTP: graceful drain (SIGTERM)
@@ -5346,69 +5804,65 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     app = FastAPI(title="Qwen3-TTS OpenAI-compatible server", version=VERSION, lifespan=lifespan)
     app.state.server, app.state.drain = server, drain
+    app.add_middleware(BodyLimitMiddleware, settings=server.settings, errors=server.errors)
     if server.settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=server.settings.api_key)
-    app.add_middleware(InFlightMiddleware, drain=drain)        # outermost: it sees every request, authorized or not
+        app.add_middleware(ApiKeyMiddleware, api_key=server.settings.api_key, errors=server.errors)
+    app.add_middleware(InFlightMiddleware, drain=drain)        # it sees every request, authorized or not
+    app.add_middleware(RequestIdMiddleware)                    # outermost: every answer carries the id
 
     @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        error = api_error(exc)
-        server.metrics.error(request.url.path, error.status, error.code)
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
+        return server.errors.response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = validation_error_to_api_error(exc)
-        server.metrics.error(request.url.path, error.status, error.code)
-        return JSONResponse(error.body(), status_code=error.status)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return server.errors.response(request.url.path, validation_error_to_api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        error = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.__cause__ is not None:   # FastAPI could not read a JSON body
+            error = ApiError(400, f"the request body is not valid JSON: {quoted(exc.__cause__, 120)}",
+                             code="invalid_json")
+        else:
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            error = ApiError(exc.status_code, f"{exc.detail}: {request.method} {quoted(request.url.path, 120)}",
+                             code=code, headers=getattr(exc, "headers", None))
+        return server.errors.response(request.url.path, error)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; the job was cancelled and released
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         logger.opt(exception=exc).error("unhandled error on {}", request.url.path)
-        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(error.body(), status_code=500)
+        response = server.errors.response(request.url.path, ApiError(
+            500, f"internal error: {type(exc).__name__}: {quoted(exc, 200)}", type="server_error"))
+        if (request_id := getattr(request.state, "request_id", None)) is not None:   # sent outside the middleware
+            response.headers["x-request-id"] = request_id
+        return response
 
-    @app.post("/v1/audio/speech", summary="Text to speech (OpenAI-compatible)")
+    whole_file, clone_file = WholeFile(server, "speech"), WholeFile(server, "clone")
+    audio_stream, openai_sse = AudioStream(server, "speech_stream"), OpenAiSse(server, "speech_sse")
+    seed_sse, seed_pcm = SeedSse(server, "seed_sse"), SeedPcm(server, "seed_pcm")
+
+    @app.post("/v1/audio/speech", summary="Text to speech (OpenAI-compatible): streamed as it is made, or SSE")
     async def speech(req: SpeechRequest, request: Request) -> Response:
-        plan = await server.plan(req)
-        if req.stream_format is None:
-            return await server.buffered(request, plan, "speech")
-        if req.stream_format == "audio":
-            body = await server.stream(request, plan, "speech_stream", plan.response_format, frame=lambda b: b,
-                                       end=lambda _: b"", fail=lambda _: b"")
-            return StreamingResponse(body, media_type=FORMATS[plan.response_format], headers=SSE_HEADERS)
-        body = await server.stream(
-            request, plan, "speech_sse", plan.response_format,
-            frame=lambda b: sse({"type": "speech.audio.delta", "audio": base64.b64encode(b).decode()}),
-            end=lambda synthesis: sse({"type": "speech.audio.done", "usage": synthesis.usage}),
-            fail=lambda e: sse({"type": "error", **e.body()}))
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        seed_client = req.model is None     # the seed's clients send no model: a whole file, WAV unless they ask
+        plan = await server.plan(req, response_format=req.response_format or ("wav" if seed_client else None))
+        if req.stream_format == "sse":
+            return await openai_sse.respond(request, plan)
+        if seed_client and req.stream_format is None:
+            return await whole_file.respond(request, plan)
+        return await audio_stream.respond(request, plan)
 
     @app.post("/v1/audio/speech/stream", summary="Seed SSE: base64 int16 PCM events, then [DONE]")
     async def speech_stream_sse(req: SpeechRequest, request: Request) -> Response:
-        plan = await server.plan(req, response_format="pcm")
-        body = await server.stream(request, plan, "seed_sse", "pcm", frame=lambda b: sse(base64.b64encode(b).decode()),
-                                   end=lambda _: sse("[DONE]"), fail=lambda e: sse(f"[ERROR] {e.message}"))
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await seed_sse.respond(request, await server.plan(req, response_format="pcm"))
 
     @app.post("/v1/audio/speech/stream/pcm", summary="Seed raw stream: int16 little-endian mono PCM")
     async def speech_stream_pcm(req: SpeechRequest, request: Request) -> Response:
-        plan = await server.plan(req, response_format="pcm")
-        body = await server.stream(request, plan, "seed_pcm", "pcm", frame=lambda b: b, end=lambda _: b"",
-                                   fail=lambda _: b"")
-        headers = {"X-PCM-Sample-Rate": str(plan.sample_rate), "X-PCM-Bit-Depth": "16", "X-PCM-Channels": "1",
-                   **SSE_HEADERS}
-        return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+        return await seed_pcm.respond(request, await server.plan(req, response_format="pcm"))
 
     @app.websocket("/v1/audio/speech/ws")
     async def speech_ws(ws: WebSocket) -> None:
@@ -5418,7 +5872,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     @app.get("/v1/models", summary="Models (OpenAI-compatible)")
     async def models() -> dict:
         created = int(server.started)
-        ids = [server.settings.model_id, "tts-1", "tts-1-hd", "gpt-4o-mini-tts"]
+        ids = [server.redact(server.settings.model_id), "tts-1", "tts-1-hd", "gpt-4o-mini-tts"]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "qwen"}
                                            for i in ids]}
 
@@ -5427,11 +5881,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         listing = (await models())["data"]
         found = next((m for m in listing if m["id"] == model_id), None)
         if found is None:
-            raise ApiError(404, f"model {model_id!r} not found; available: {', '.join(m['id'] for m in listing)}",
+            raise NotFound(f"model {quoted(model_id)} not found; available: {', '.join(m['id'] for m in listing)}",
                            param="model", code="model_not_found")
         return found
 
-    add_voice_routes(app, server)
+    add_voice_routes(app, server, clone_file)
 
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:
@@ -5442,14 +5896,11 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @app.get("/health", summary="Liveness and state; always 200")
     async def health() -> dict:
-        return server.health()
+        return server.health.body()
 
     @app.get("/ready", summary="Readiness for orchestrators: 200 once the model has loaded and warmed up")
     async def ready() -> JSONResponse:
-        manager = server.engine.manager()
-        draining = drain.started is not None
-        is_ready = manager.warmed and manager.state != "failed" and not draining
-        body = {"ready": is_ready, "model_state": manager.state, "model_error": manager.error, "draining": draining}
+        is_ready, body = server.health.readiness(draining=drain.started is not None)
         return JSONResponse(body, status_code=200 if is_ready else 503)
 
     @app.post("/cache/clear", summary="Empty the audio cache and the voice-prompt cache")
@@ -5482,21 +5933,26 @@ def voice_object(row: dict) -> dict:
 
 
 async def request_fields(request: Request) -> dict[str, Any]:
-    """A multipart or urlencoded form, or a JSON object, as one dict (uploads stay UploadFile objects)."""
-    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 2**20:
-        raise ApiError(413, "the request is larger than the 10 MiB upload limit", code="file_too_large")
+    """A multipart or urlencoded form, or a JSON object, as one dict (uploads stay UploadFile objects). The body's
+    size is bounded before this reads it (BodyLimitMiddleware)."""
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+            body = json.loads(await request.body())
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: it nests too deeply",
+                           code="invalid_json") from None
+        except ValueError as exc:           # not UTF-8, or not JSON
+            raise ApiError(400, f"the request body is not valid JSON: {quoted(exc, 120)}",
+                           code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
     try:
         form = await request.form(max_files=4, max_fields=32)
+    except ServiceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the multipart parser's errors are all 'bad form'
-        raise ApiError(400, f"the request body is not a valid form: {exc}", code="invalid_form") from None
+        raise ApiError(400, f"the request body is not a valid form: {quoted(exc, 120)}", code="invalid_form") from None
     return dict(form.multi_items())
 
 
@@ -5510,6 +5966,8 @@ def text_field(fields: dict, name: str, *, required: bool = False, max_length: i
         raise ApiError(400, f"'{name}' must be text", param=name, code="invalid_value")
     if len(value) > max_length:
         raise ApiError(400, f"'{name}' is longer than {max_length} characters", param=name, code="invalid_value")
+    if problem := text_problem(value):
+        raise ApiError(400, f"'{name}' {problem}", param=name, code="invalid_value")
     return value.strip()
 
 
@@ -5525,18 +5983,32 @@ async def upload_bytes(fields: dict, name: str) -> tuple[bytes, str]:
         raise ApiError(400, f"'{name}' must be a file in a multipart form", param=name, code="invalid_value")
     data = await upload.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise ApiError(413, f"'{name}' is larger than the 10 MiB limit", param=name, code="file_too_large")
+        raise TooLarge(f"'{name}' is larger than the 10 MiB limit", param=name, code="file_too_large")
     extension = os.path.splitext(upload.filename or "")[1].lower()
     return data, extension if extension in AUDIO_EXTENSIONS else ".audio"
 
 
-def add_voice_routes(app: FastAPI, server: Server) -> None:
+async def designed_reference(server: Server, description: str, script: str, language: str) -> np.ndarray:
+    """A VoiceDesign model reads `script` in the voice `description` describes: the reference of a new voice."""
+    info = await server.voices.model_info()
+    design_id = info.model_id if info.kind == "voice_design" else server.settings.voice_design_model_id
+    design = await server.voices.model_info(design_id)
+    if design.kind != "voice_design":
+        raise ModelUnavailable(f"VOICE_DESIGN_MODEL_ID={design_id!r} is a {design.kind} model; voices from a "
+                               "prompt need a VoiceDesign model such as Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign")
+    req = SpeechRequest(input=script, instructions=description, language=language)
+    plan = await server.plan(req, response_format="pcm", voice=VoiceChoice("designed", design_id))
+    synthesis = Synthesis(server, plan, streaming=False)
+    return np.concatenate([pcm async for pcm in synthesis.chunks()])
+
+
+def add_voice_routes(app: FastAPI, server: Server, clone_file: WholeFile) -> None:
     """POST/GET/DELETE /v1/audio/voice_consents, POST/GET/DELETE /v1/audio/voices, POST /v1/audio/speech/clone."""
 
     async def find_consent(consent_id: str) -> dict:
         consent = await run_in_pool(server.store.consent, consent_id)
         if consent is None:
-            raise NotFound(f"consent {consent_id!r} not found", param="consent_id", code="consent_not_found")
+            raise NotFound(f"consent {quoted(consent_id)} not found", param="consent_id", code="consent_not_found")
         return consent
 
     @app.post("/v1/audio/voice_consents", summary="Upload a consent recording (OpenAI-compatible)")
@@ -5545,7 +6017,7 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
         name = text_field(fields, "name", required=True, max_length=256)
         language = text_field(fields, "language", required=True, max_length=35)
         if not BCP47.fullmatch(language):
-            raise ApiError(400, f"'language' must be a BCP 47 tag such as en-US, got {language!r}",
+            raise ApiError(400, f"'language' must be a BCP 47 tag such as en-US, got {quoted(language)}",
                            param="language", code="invalid_value")
         data, extension = await upload_bytes(fields, "recording")
         await run_in_pool(reference_audio, data, "recording")            # readable, long enough, not silent
@@ -5587,7 +6059,7 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
         fields = await request_fields(request)
         kind = text_field(fields, "type") or ("prompt" if fields.get("prompt") else "audio_sample")
         if kind not in ("audio_sample", "prompt"):
-            raise ApiError(400, f"'type' must be audio_sample or prompt, got {kind!r}", param="type",
+            raise ApiError(400, f"'type' must be audio_sample or prompt, got {quoted(kind)}", param="type",
                            code="invalid_value")
         name = text_field(fields, "name", required=True, max_length=64)
         if resolve_builtin_voice(name) is not None or canonical_voice_name(name) in OPENAI_VOICES:
@@ -5599,15 +6071,15 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
             data, _ = await upload_bytes(fields, "audio_sample")
             audio = await run_in_pool(reference_audio, data, "audio_sample")
             ref_text = text_field(fields, "ref_text")          # ours: the sample's transcript -> in-context cloning
-            prompt = await server.voice_prompt(audio, ref_text, cache_key=None)
+            prompt = await server.voices.prompt_from_audio(audio, ref_text, cache_key=None)
             language, description, consent_id = consent["language"], None, consent["id"]
         else:
             description = text_field(fields, "prompt", required=True)
             language = text_field(fields, "language", max_length=35) or "en"
             script = text_field(fields, "script_hint") or DESIGN_SCRIPTS.get(language.split("-")[0].lower(),
                                                                              DESIGN_SCRIPTS["en"])
-            audio = await server.design_voice(description, script, language)
-            prompt = await server.voice_prompt(audio, script, cache_key=None)
+            audio = await designed_reference(server, description, script, language)
+            prompt = await server.voices.prompt_from_audio(audio, script, cache_key=None)
             consent_id = None
         row = await run_in_pool(functools.partial(server.store.add_voice, name=name, kind=kind,
                                                   consent_id=consent_id, language=language, description=description,
@@ -5617,25 +6089,25 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/audio/voices", summary="Built-in voices, their OpenAI aliases, and custom voices")
     async def voices() -> dict:
-        manager = server.engine.manager()
+        info = None
         with contextlib.suppress(ModelUnavailable):
-            await run_in_pool(manager.describe)
+            info = await server.voices.model_info()
         custom = [{**voice_object(row), "kind": "custom", "language": row["language"],
                    "description": row["description"]} for row in await run_in_pool(server.store.voices)]
-        return {"voices": voices_listing(manager.info) + custom}
+        return {"voices": voices_listing(info) + custom}
 
     @app.get("/v1/audio/voices/{voice_id}", summary="One custom voice")
     async def get_voice(voice_id: str) -> dict:
         row = await run_in_pool(server.store.voice, voice_id)
         if row is None:
-            raise NotFound(f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+            raise NotFound(f"voice {quoted(voice_id)} not found", param="voice_id", code="voice_not_found")
         return voice_object(row)
 
     @app.delete("/v1/audio/voices/{voice_id}", summary="Delete a custom voice and its files (OpenAI-compatible)")
     async def delete_voice(voice_id: str) -> dict:
         row = await run_in_pool(server.store.voice, voice_id)
         if row is None or row["id"] != voice_id and row["name"].lower() != voice_id.lower():
-            raise NotFound(f"voice {voice_id!r} not found", param="voice_id", code="voice_not_found")
+            raise NotFound(f"voice {quoted(voice_id)} not found", param="voice_id", code="voice_not_found")
         await run_in_pool(server.store.delete_voice, row["id"])
         server.prompts.drop(f"voice:{row['id']}")
         return {"object": "audio.voice.deleted", "id": row["id"], "deleted": True}
@@ -5646,9 +6118,9 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
         data, _ = await upload_bytes(fields, "file")
         audio = await run_in_pool(reference_audio, data, "file")
         ref_text = text_field(fields, "ref_text")
-        clone_model = await server.clone_model()
+        clone_model = await server.voices.clone_model()
         key = "ref:" + hashlib.sha256(data + (ref_text or "").encode() + clone_model.model_id.encode()).hexdigest()
-        prompt = await server.voice_prompt(audio, ref_text, cache_key=key)
+        prompt = await server.voices.prompt_from_audio(audio, ref_text, cache_key=key)
         try:
             req = SpeechRequest.model_validate({k: v for k, v in fields.items() if k in SpeechRequest.model_fields
                                                 and k not in ("voice", "model") and isinstance(v, str)})
@@ -5656,7 +6128,7 @@ def add_voice_routes(app: FastAPI, server: Server) -> None:
             raise validation_error_to_api_error(exc) from None
         plan = await server.plan(req, response_format=req.response_format or "wav",
                                  voice=VoiceChoice(key[:24], clone_model.model_id, prompt=prompt))
-        return await server.buffered(request, plan, "clone")
+        return await clone_file.respond(request, plan)
 
 
 class WebSocketSession:
@@ -5800,9 +6272,10 @@ class Metrics:
         self._model_id = model_id
         self._loaded.labels(model_id).set(0)
 
-    def request(self, endpoint: str, voice: str, fmt: str, status: int, cache_hit: bool) -> None:
+    def request(self, endpoint: str, voice: str, fmt: str, status: int, cache_hit: Optional[bool]) -> None:
+        """One response; cache_hit None: it did not look in the audio cache."""
         self._requests.labels(endpoint, voice, fmt, str(status)).inc()
-        if endpoint in ("speech",):
+        if cache_hit is not None:
             self._cache.labels("hit" if cache_hit else "miss").inc()
 
     def error(self, path: str, status: int, code: Optional[str]) -> None:
@@ -5853,9 +6326,19 @@ class LoguruHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
+SECRET_IN_URL = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+
+def _hide_secrets(record: dict) -> None:
+    """A loguru patcher: no API key in any line, right or wrong (uvicorn logs a WebSocket's path with its query)."""
+    record["message"] = SECRET_IN_URL.sub(r"\1[hidden]", record["message"])
+
+
 def configure_logging(settings: Settings) -> None:
-    """LOG_FORMAT=json: one JSON object per line (loguru's serialize); text: human-readable lines."""
+    """LOG_FORMAT=json: one JSON object per line (loguru's serialize); text: human-readable lines. Lines written while
+    a request is served carry its request_id."""
     logger.remove()
+    logger.configure(patcher=_hide_secrets)
     if settings.log_format == "json":
         logger.add(sys.stderr, level=settings.log_level, serialize=True, backtrace=False, diagnose=False)
     else:
@@ -5871,6 +6354,82 @@ def configure_logging(settings: Settings) -> None:
 
 
 # ---- main
+MAX_HEADER_BYTES = 64 * 2**10          # the request line and headers of one request, at most
+
+
+def raw_error_response(error: ApiError) -> bytes:
+    """An error answer written on a connection before any request exists (no ASGI app to send it)."""
+    body = json.dumps(error.body(), separators=(",", ":")).encode()
+    return (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def guarded_http_protocol(read_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools, what uvicorn[standard] picks) plus what it lacks against slow and
+    oversized headers: uvicorn waits for a request's headers forever and takes any size of them. Here the headers of
+    each request must arrive within READ_TIMEOUT and fit in MAX_HEADER_BYTES, else the client gets a 408 or 431 and
+    the connection is closed (request bodies are BodyLimitMiddleware's). Made in a function: uvicorn is imported
+    only to serve."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _deadline: Optional[asyncio.TimerHandle] = None     # armed while a request's headers are awaited
+        _header_bytes = 0                                    # of the awaited headers, counted before parsing
+        _tail = b""                                          # the last bytes seen, for a CRLFCRLF across reads
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.pipeline and not self.transport.is_closing():
+                self._await_headers()                        # the next request's (uvicorn's keep-alive may close)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._await_headers()
+
+        def on_headers_complete(self) -> None:
+            self._headers_arrived()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is not None:                  # counted before httptools buffers them
+                end = (self._tail + data).find(b"\r\n\r\n")
+                self._header_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+                self._tail = data[-3:]
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    return self._refuse(ApiError(431, f"the request headers are larger than "
+                                                      f"{MAX_HEADER_BYTES // 1024} KiB", code="headers_too_large"))
+            super().data_received(data)
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self._headers_arrived()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self._header_bytes, self._tail = 0, b""
+                self._deadline = self.loop.call_later(read_timeout, self._refuse, ApiError(
+                    408, f"the request headers did not arrive within READ_TIMEOUT={read_timeout:g}s",
+                    code="request_timeout"))
+
+        def _headers_arrived(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _refuse(self, error: ApiError) -> None:
+            self._headers_arrived()
+            if not self.transport.is_closing():
+                logger.info("closing the connection of {}: {}", self.client, error.message)
+                self.transport.write(raw_error_response(error))
+                self.transport.close()
+
+    return GuardedHttpToolsProtocol
+
+
 def check_tls_files(settings: Settings) -> None:
     """SSL_KEYFILE and SSL_CERTFILE must exist and form a usable pair; SettingsError says which and why."""
     import ssl
@@ -5897,6 +6456,9 @@ def serve_tls(app: FastAPI, settings: Settings) -> None:
     config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
     config.graceful_timeout = DRAIN_FLUSH_SECONDS      # the drain has run by then: only final bytes are left
+    # Slow clients: Hypercorn closes a connection whose request headers have not arrived within keep_alive_timeout
+    # (5 s, from the connection's start or the last response), and caps them at 16 KiB (h11_max_incomplete_size);
+    # request bodies are BodyLimitMiddleware's.
     config.umask = 0o111            # a Unix socket is created 0666, as uvicorn does: a proxy user can connect
     drain: Drain = app.state.drain
 
@@ -5925,7 +6487,8 @@ def serve_http(app: FastAPI, settings: Settings) -> None:
     where = {"uds": settings.unix_socket_path} if settings.unix_socket_path else {"host": settings.host,
                                                                                    "port": settings.port}
     DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
-                                  timeout_graceful_shutdown=int(DRAIN_FLUSH_SECONDS), **where)).run()
+                                  timeout_graceful_shutdown=int(DRAIN_FLUSH_SECONDS),
+                                  http=guarded_http_protocol(settings.read_timeout), **where)).run()
 
 
 def main() -> None:

@@ -213,6 +213,106 @@ def test_model_info_from_a_real_config():
     assert {"english", "chinese", "beijing_dialect"} <= info.languages
 
 
+# ---- the HTTP layer's pure parts: error bodies, text fields, limits, what clients see
+@pytest.mark.parametrize("error, status, code, seed", [
+    (server.InvalidRequest("unknown voice 'x'", param="voice", code="invalid_voice"), 400, "invalid_voice",
+     "UNKNOWN_VOICE"),
+    (server.NotFound("voice 'v' not found", param="voice", code="voice_not_found"), 404, "voice_not_found",
+     "UNKNOWN_VOICE"),
+    (server.TooLarge("the request body is larger than 10 bytes"), 413, "request_too_large", "REQUEST_TOO_LARGE"),
+    (server.ClientTooSlow("the request body did not arrive within READ_TIMEOUT=2s"), 408, "request_timeout",
+     "REQUEST_TIMEOUT"),
+    (server.QueueFull(5, 5, 7), 503, "queue_full", "QUEUE_FULL"),
+    (ApiError(418, "no code of its own"), 418, None, "IM_A_TEAPOT"),
+])
+def test_error_bodies_carry_the_seed_code_and_message_next_to_the_envelope(error, status, code, seed):
+    body = server.api_error(error).body()
+    assert server.api_error(error).status == status and body["error"]["code"] == code
+    assert body["code"] == seed and body["message"] == body["error"]["message"] == str(error)
+
+
+def test_quoted_values_are_short_and_escaped():
+    assert server.quoted("alloy") == "'alloy'"
+    long = server.quoted("x" * 1_000_000)
+    assert len(long) < 80 and "1000000 characters" in long
+    assert server.quoted("\ud800") == "'\\ud800'"                 # escaped: the reply's JSON stays encodable
+    json.dumps(server.quoted("\ud800"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("field", ["model", "input", "voice", "instructions", "instruct", "language"])
+@pytest.mark.parametrize("bad, problem", [("\ud800", "lone surrogate (U+D800)"), ("a\x00b", "NUL character")])
+def test_text_fields_refuse_what_is_not_text_naming_the_field(field, bad, problem):
+    body = {"input": "hi", field: bad}
+    with pytest.raises(server.ValidationError) as err:
+        SpeechRequest.model_validate(body)
+    error = server.validation_error_to_api_error(err.value)
+    assert error.status == 400 and error.param == field and problem in error.message
+    json.dumps(error.body(), ensure_ascii=False).encode()          # what used to fail with UnicodeEncodeError
+
+
+@pytest.mark.parametrize("voice, message", [
+    (5, "must be a voice name or an object"), (["alloy"], "must be a voice name or an object"),
+    ({"id": 5}, "must be a voice name or an object"), ({"id": ""}, "1 to 256 characters"),
+    ({"id": "v", "name": "x"}, "must be a voice name or an object"), ("x" * 257, "1 to 256 characters"),
+    ({"id": "\udfff"}, "lone surrogate"),
+])
+def test_a_wrong_voice_gets_one_message_about_the_voice(voice, message):
+    with pytest.raises(server.ValidationError) as err:
+        SpeechRequest.model_validate({"input": "hi", "voice": voice})
+    error = server.validation_error_to_api_error(err.value)
+    assert error.param == "voice" and message in error.message and len(error.message) < 200
+
+
+def test_valid_voices_pass_as_they_did():
+    assert SpeechRequest.model_validate({"input": "hi", "voice": "Uncle Fu"}).voice == "Uncle Fu"
+    assert SpeechRequest.model_validate({"input": "hi", "voice": {"id": "voice_1"}}).voice == server.VoiceRef(
+        id="voice_1")
+    assert SpeechRequest.model_validate({"input": "hi", "voice": None}).voice is None
+    assert SpeechRequest.model_validate({"input": "hi", "voice": ""}).voice == ""   # "": the default voice
+
+
+def test_text_form_fields_refuse_what_is_not_text():
+    with pytest.raises(ApiError) as err:
+        server.text_field({"name": "a\ud800"}, "name")
+    assert err.value.status == 400 and err.value.param == "name" and "lone surrogate" in err.value.message
+    assert server.text_field({"name": " Alice "}, "name") == "Alice"
+
+
+def test_the_json_body_limit_fits_the_longest_valid_request():
+    limit = server.json_body_limit(4096)
+    longest = json.dumps({"model": "x" * 200, "input": "\U0001F600" * 4096, "instructions": "\U0001F600" * 4096,
+                          "voice": "v" * 256, "language": "l" * 40, "response_format": "flac",
+                          "stream_format": "audio", "speed": 0.25, "temperature": 0.7, "top_p": 0.9,
+                          "seed": 2**63 - 1, "sample_rate": 48000}).encode()   # every emoji as two \\uXXXX
+    assert len(longest) <= limit < 2 * len(longest)
+    assert server.json_body_limit(8192) > limit
+
+
+def test_model_paths_are_taken_out_of_what_clients_see(tmp_path):
+    local = tmp_path / "models" / "my-0.6B-CustomVoice"
+    local.mkdir(parents=True)
+    redact = server.PathRedactor(Settings(model_id=str(local), base_model_id="Qwen/Qwen3-TTS-12Hz-0.6B-Base",
+                                          data_dir=str(tmp_path / "data")))
+    message = (f"model {str(local)!r} could not be loaded (OSError: {local}/config.json); store in "
+               f"{tmp_path / 'data'}/voices.db")
+    assert redact(message) == ("model 'my-0.6B-CustomVoice' could not be loaded (OSError: my-0.6B-CustomVoice/"
+                               "config.json); store in DATA_DIR/voices.db")
+    assert redact("Qwen/Qwen3-TTS-12Hz-0.6B-Base is a hub id") == "Qwen/Qwen3-TTS-12Hz-0.6B-Base is a hub id"
+    assert redact(None) is None
+    relative = server.PathRedactor(Settings(model_id="build/checkpoints/tiny-0.6B-CustomVoice"))
+    assert relative("'build/checkpoints/tiny-0.6B-CustomVoice'") == "'tiny-0.6B-CustomVoice'"
+
+
+def test_a_cached_streamed_wav_gets_its_exact_sizes():
+    encoder = AudioEncoder("wav", 24000, streaming=True)
+    streamed = encoder.encode(np.full(4800, 0.1, np.float32)) + encoder.finish()
+    assert struct.unpack_from("<I", streamed, 4)[0] == 0xFFFFFFFF
+    buffered = AudioEncoder("wav", 24000, streaming=False)
+    whole = server.AudioStream.whole(make_plan(response_format="wav"), streamed)
+    assert whole == buffered.encode(np.full(4800, 0.1, np.float32)) + buffered.finish()
+    assert server.AudioStream.whole(make_plan(response_format="mp3"), b"ID3...") == b"ID3..."
+
+
 # ---- caches and plans
 def test_audio_cache_is_lru_and_bounded():
     cache = LruCache(2)
@@ -490,10 +590,10 @@ def test_a_draining_engine_admits_nothing_new_and_a_stopped_one_fails_what_it_ha
 
 def test_health_makes_no_model_managers(tiny_dir):
     app_server = server.Server(Settings(model_id=tiny_dir))
-    health = app_server.health()
+    health = app_server.health.body()
     settings = app_server.settings
-    assert [m["model_id"] for m in health["models"]] == [tiny_dir, settings.base_model_id,
-                                                        settings.voice_design_model_id]
+    assert [m["model_id"] for m in health["models"]] == [os.path.basename(tiny_dir), settings.base_model_id,
+                                                        settings.voice_design_model_id]   # no path shown
     assert {m["state"] for m in health["models"]} == {"unloaded"}
     assert [m.model_id for m in app_server.engine.models.all()] == [tiny_dir]
 
@@ -1633,7 +1733,7 @@ def test_a_request_plans_its_short_text_in_the_language_its_voice_implies(tiny_d
     async def custom_voice(self, voice):
         return server.VoiceChoice("voice_1", tiny_dir, speaker="ryan", language="pt-BR")
 
-    monkeypatch.setattr(server.Server, "choose_voice", custom_voice)
+    monkeypatch.setattr(server.Voices, "choose", custom_voice)
     assert plan("voice_1", "Claro.", default_language="es").language == "portuguese"
 
 
@@ -2259,6 +2359,85 @@ def test_decode_rejects_garbage(data: bytes) -> None:
         decode_audio(data)
 
 
+# An upload that decodes to far more audio than it weighs (the issue's example: a 546 KB FLAC of 60 minutes), in
+# every container and codec the voice endpoints accept: three minutes, three times REFERENCE_MAX_SECONDS.
+BOMB_SECONDS = 3 * server.REFERENCE_MAX_SECONDS
+BOMBS = [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame"), ("ogg", "libopus"), ("adts", "aac"),
+         ("ipod", "aac"), ("webm", "libopus"), ("matroska", "flac")]
+
+
+def long_upload(container_format: str, codec: str, rate: int, seconds: float) -> bytes:
+    if container_format == "ogg-vorbis":     # libsndfile, a second at a time (one long write crashes its Vorbis)
+        output, x = io.BytesIO(), tone(220, rate, seconds, 0.3)
+        with soundfile.SoundFile(output, "w", samplerate=rate, channels=1, format="OGG", subtype="VORBIS") as f:
+            for start in range(0, x.size, rate):
+                f.write(x[start:start + rate])
+        return output.getvalue()
+    return pyav_file(container_format, codec, rate, tone(220, rate, seconds, 0.3))
+
+
+@pytest.mark.parametrize("container_format, codec", BOMBS + [("ogg-vorbis", "vorbis")])
+def test_an_upload_that_decodes_to_minutes_stops_at_the_length_limit(container_format, codec):
+    """Decoding stops at REFERENCE_MAX_SECONDS: what it holds is bounded by that, not by what the file expands to
+    (the whole decoded file used to be in memory before the length was checked)."""
+    import tracemalloc
+
+    rate = 8000
+    data = long_upload(container_format, codec, rate, BOMB_SECONDS)
+    assert len(data) <= server.MAX_UPLOAD_BYTES
+    tracemalloc.start()
+    try:
+        with pytest.raises(server.InvalidRequest) as err:
+            server.reference_audio(data, "file")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.code == "audio_too_long" and "more than 60s" in str(err.value)
+    decoded_rate = 48000 if codec == "libopus" else rate         # Opus always decodes at 48 kHz
+    one_limit = server.REFERENCE_MAX_SECONDS * decoded_rate * 4  # the limit's length as float32 mono
+    assert peak < 2 * one_limit, f"decoding held {peak / one_limit:.1f}x the limit's worth of samples"
+
+
+def eight_channel_flac(rate: int, seconds: int) -> bytes:
+    """A FLAC of 7.1 audio (a constant: it compresses to almost nothing)."""
+    output = io.BytesIO()
+    with av.open(output, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="7.1")
+        for start in range(0, rate * seconds, rate):
+            frame = av.AudioFrame.from_ndarray(np.full((1, rate * 8), 1000, np.int16), format="s16", layout="7.1")
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return output.getvalue()
+
+
+def test_an_eight_channel_upload_decodes_to_mono():
+    """PyAV crashes the process (segfault) converting an 8-channel frame to planar: decode_audio stays packed. Run
+    in a child process, so that a crash is this test's failure and not the end of the run."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import server\n"
+              "pcm, rate = server.decode_audio(open(sys.argv[2], 'rb').read())\n"
+              "print(pcm.shape[0], rate, round(float(pcm.mean()), 4))")
+    path = Path(server.__file__).parent / "build" / "eight-channels.flac"
+    path.write_bytes(eight_channel_flac(24000, 3))
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(ROOT), str(path)], capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        path.unlink()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["72000", "24000", str(round(1000 / 32768, 4))]
+
+
+def test_an_upload_that_decodes_to_too_many_samples_stops_at_the_decoded_bytes_limit():
+    """Under the length limit, but 8 channels at 96 kHz: 30 s decode to 92 MB of float32 (a FLAC of a few KB)."""
+    data = eight_channel_flac(96000, 30)
+    assert len(data) < 10**6
+    with pytest.raises(server.TooLarge) as err:
+        server.reference_audio(data, "file")
+    assert server.api_error(err.value).status == 413 and err.value.param == "file"
+    assert "64 MiB" in str(err.value)
+
+
 # ==== voices: the store of custom voices and consents, prompts, reference audio
 def _prompt() -> server.VoicePrompt:
     return server.VoicePrompt(spk_embedding=torch.randn(32), ref_code=torch.randint(0, 2048, (20, 16)),
@@ -2482,9 +2661,9 @@ def test_reference_audio_is_checked_and_resampled():
     audio = server.reference_audio(encoder.encode(pcm) + encoder.finish(), "file")
     assert audio.dtype == np.float32 and abs(audio.size - 3 * 24000) < 100
     for data, status in ((b"", 400), (b"x" * (10 * 2**20 + 1), 413), (b"not audio" * 100, 400)):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(server.ServiceError) as err:
             server.reference_audio(data, "file")
-        assert err.value.status == status and err.value.param == "file"
+        assert server.api_error(err.value).status == status and err.value.param == "file"
 
 
 def test_the_prompt_cache_is_lru_and_counts_hits():

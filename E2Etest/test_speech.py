@@ -52,8 +52,11 @@ def test_lossless_formats_carry_the_exact_samples(client, reference):
         np.testing.assert_allclose(pcm, reference, atol=1 / 32768)
 
 
-def test_buffered_wav_header_has_exact_sizes(client):
-    data = speak(client, "wav")
+def test_buffered_wav_header_has_exact_sizes(http):
+    """A whole file (the seed's clients send no model; OpenAI's requests stream): exact sizes in the header."""
+    r = http.post("/v1/audio/speech", json={"input": TEXT, "voice": "alloy", "response_format": "wav", "seed": 7})
+    data = r.content
+    assert r.headers["content-length"] == str(len(data))
     riff_size, = struct.unpack("<I", data[4:8])
     assert data[:4] == b"RIFF" and riff_size == len(data) - 8
     data_size, = struct.unpack("<I", data[data.index(b"data") + 4:][:4])

@@ -169,13 +169,16 @@ def test_the_seed_clone_endpoint_and_its_prompt_cache(voices_server):
     url = voices_server.url
     reference = wav(4)
     before = httpx.get(url + "/health").json()["voice_cache_hits"]
+    audio_cache = []
     for ref_text in ("A reference sentence.", "A reference sentence.", None):
         data = {"input": "Cloned on the fly.", "seed": "1"} | ({"ref_text": ref_text} if ref_text else {})
         r = httpx.post(url + "/v1/audio/speech/clone", files={"file": ("r.wav", reference, "audio/wav")},
                        data=data, timeout=300)
         assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
         assert decode(r.content, "wav")[0].size > 0
+        audio_cache.append(r.headers["x-cache"])
     assert httpx.get(url + "/health").json()["voice_cache_hits"] == before + 1   # the repeat was not re-encoded
+    assert audio_cache == ["miss", "hit", "miss"]                                 # nor re-synthesized
     r = httpx.post(url + "/v1/audio/speech/clone", files={"file": ("r.wav", b"garbage" * 100, "audio/wav")},
                    data={"input": "x"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"

@@ -9,6 +9,8 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
     .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost; the store on SQLite vs PostgreSQL
     .venv/bin/python bench/bench.py engine   [--model DIR]   # the decode step in process: library-driven vs static
+    .venv/bin/python bench/bench.py firstbyte [--model DIR]  # no stream_format: OpenAI's request (streamed) vs seed's
+    .venv/bin/python bench/bench.py upload --baseline OLD/server.py  # a 60-minute FLAC upload: server memory and time
 
 --model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
 --full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
@@ -44,16 +46,19 @@ BYTES_PER_SECOND = 48000   # 24 kHz int16 mono
 
 
 @contextmanager
-def running_server(env: dict, wait_for: str = "health") -> Iterator[tuple[str, float, float]]:
-    """Start server.py; yield (url, seconds until /health answered, seconds until the model was ready)."""
+def running_server(env: dict, wait_for: str = "health", script: Path = ROOT / "server.py",
+                   pid: Optional[list] = None) -> Iterator[tuple[str, float, float]]:
+    """Start a server.py (this one unless `script`); yield (url, seconds until /health answered, seconds until the
+    model was ready); its process id is appended to `pid` when given."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LOG_FORMAT": "text", "LOG_LEVEL": "WARNING",
                 **env}
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - lives with the process
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(script)], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    if pid is not None:
+        pid.append(proc.pid)
     up = ready = None
     try:
         while time.monotonic() - started < 1800:
@@ -444,15 +449,108 @@ def scenario_engine(args: argparse.Namespace) -> None:
 WARM = 2
 
 
+TEN_SECONDS = "The weather today is mild, with a light breeze from the west."   # 127 frames: 10.2 s on the tiny model
+
+
+def scenario_firstbyte(args: argparse.Namespace) -> None:
+    """POST /v1/audio/speech without stream_format, a 10-second utterance: an OpenAI request (`model` given), which
+    now streams, beside the seed's request (no `model`), which gets the whole file as every request did before;
+    alternating on one server, so both come from the same run."""
+    env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0", **args.env}
+    modes = (("whole file (no model: before)", {}), ("streamed (model: now)", {"model": "tts-1"}))
+
+    async def measure(url: str) -> list[list]:
+        rows = []
+        async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+            await timed_request(client, {"input": SHORT, "voice": "alloy", "response_format": "pcm"})  # warm
+            for audio_format in ("pcm", "mp3"):
+                runs: dict[str, list[dict]] = {name: [] for name, _ in modes}
+                for i in range(args.repeat):
+                    for name, extra in modes:
+                        body = {"input": TEN_SECONDS, "voice": "alloy", "response_format": audio_format, "seed": i}
+                        runs[name].append(await timed_request(client, {**body, **extra}))
+                for name, _ in modes:
+                    first = statistics.median(r["ttfa"] for r in runs[name])
+                    total = statistics.median(r["total"] for r in runs[name])
+                    audio = statistics.median(r["audio_s"] for r in runs[name]) if audio_format == "pcm" else None
+                    rows.append([audio_format, name, fmt_or_dash(audio), fmt(first), fmt(total),
+                                 f"{100 * first / total:.1f}%"])
+        return rows
+
+    with running_server(env, wait_for="ready") as (url, _, _):
+        rows = asyncio.run(measure(url))
+    table(f"firstbyte: {args.model}, {len(TEN_SECONDS)} characters, median of {args.repeat} runs (seconds)",
+          ["format", "request", "audio_s", "first_byte", "total", "first/total"], rows)
+
+
+def fmt_or_dash(x: Optional[float]) -> str:
+    return fmt(x, 2) if x is not None else "-"
+
+
+def sixty_minute_flac() -> bytes:
+    """Issue 10's decompression bomb: 60 minutes of 48 kHz mono (a constant) in a FLAC of a few hundred KB."""
+    import io
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    output = io.BytesIO()
+    with av.open(output, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=48000, layout="mono")
+        second = np.full((1, 48000), 8000, np.int16)
+        for start in range(0, 48000 * 3600, 48000):
+            frame = av.AudioFrame.from_ndarray(second, format="s16", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return output.getvalue()
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def scenario_upload(args: argparse.Namespace) -> None:
+    """The 60-minute FLAC sent to /v1/audio/speech/clone: the server's peak memory while it answers, and the time to
+    its answer, for this server.py and (--baseline) another, e.g. `git show main:server.py > /tmp/main/server.py`."""
+    bomb = sixty_minute_flac()
+    base = args.base or str(Path(args.model).parent / Path(args.model).name.replace("CustomVoice", "Base"))
+    env = {"MODEL_ID": args.model, "BASE_MODEL_ID": base, "PRELOAD_MODEL": "false", **args.env}
+    rows = []
+    for label, script in (("this server.py", ROOT / "server.py"), ("baseline", args.baseline)):
+        if script is None:
+            continue
+        pid: list[int] = []
+        env["DATA_DIR"] = tempfile.mkdtemp(prefix="bench-upload-")
+        with running_server(env, script=Path(script), pid=pid) as (url, _, _):
+            before_rss, before_peak = memory_kib(pid[0], "VmRSS"), memory_kib(pid[0], "VmHWM")
+            started = time.monotonic()
+            r = httpx.post(url + "/v1/audio/speech/clone", files={"file": ("bomb.flac", bomb, "audio/flac")},
+                           data={"input": SHORT}, timeout=1800)
+            seconds = time.monotonic() - started
+            peak, after = memory_kib(pid[0], "VmHWM"), memory_kib(pid[0], "VmRSS")
+        rows.append([label, r.status_code, (r.json().get("error") or {}).get("code", "-"), f"{seconds:.2f}",
+                     f"{max(peak, before_peak) / 1024 - before_rss / 1024:.0f}", f"{(after - before_rss) / 1024:.0f}"])
+    table(f"upload: a {len(bomb) / 1024:.0f} KiB FLAC that decodes to 60 minutes, POST /v1/audio/speech/clone",
+          ["server", "status", "code", "answer_s", "peak_MiB_above_idle", "kept_MiB_after"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices", "engine"])
+    parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices", "engine",
+                                             "firstbyte", "upload"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--base", help="voices: the Base model (default: --model with CustomVoice -> Base)")
+    parser.add_argument("--baseline", help="upload: a server.py to compare with (e.g. main's)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
     parser.add_argument("--steps", type=int, default=12, help="engine: steps measured per figure")
     parser.add_argument("--full-steps", type=int, default=3, help="engine: steps on the full-size model (0: skip)")
@@ -461,7 +559,8 @@ def main() -> None:
     args = parser.parse_args()
     args.env = dict(kv.split("=", 1) for kv in args.env)
     {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "arrivals": scenario_arrivals,
-     "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine}[args.scenario](args)
+     "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine,
+     "firstbyte": scenario_firstbyte, "upload": scenario_upload}[args.scenario](args)
 
 
 if __name__ == "__main__":
