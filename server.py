@@ -4318,7 +4318,7 @@ def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
 
 class ApiKeyMiddleware:
     """With API_KEY set, every endpoint but /health and /ready needs `Authorization: Bearer <key>` (WebSocket: or
-    ?api_key=)."""
+    ?api_key=, or ElevenLabs' xi-api-key header)."""
 
     OPEN_PATHS = ("/health", "/ready")
 
@@ -4333,7 +4333,7 @@ class ApiKeyMiddleware:
         token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
         if not token and scope["type"] == "websocket":
             query = dict(p.split(b"=", 1) for p in scope.get("query_string", b"").split(b"&") if b"=" in p)
-            token = query.get(b"api_key", b"")
+            token = query.get(b"api_key", b"") or headers.get(b"xi-api-key", b"")   # ElevenLabs clients send this
         if hmac.compare_digest(token, self.api_key):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
@@ -4858,7 +4858,7 @@ class SpeechStream:
                 head.audio_seconds += self.output.seconds - before
                 if data:
                     await send(data)
-            tail = await run_in_pool(self.output.finish)
+            tail = await run_in_pool(self.output.finish) if self.segments else b""   # nothing spoken: no audio
             if tail:
                 await send(tail)
             status = 200
@@ -5107,11 +5107,210 @@ class WebSocketSession:
         return None
 
 
+ELEVENLABS_FORMATS = {"pcm": "pcm", "mp3": "mp3", "opus": "opus"}   # output_format "<codec>_<rate>[_<kbps>]" -> ours
+
+
+def elevenlabs_format(output_format: str) -> tuple[str, int]:
+    """ElevenLabs' output_format -> (one of FORMATS, sample rate): 'pcm_24000' -> ('pcm', 24000), 'mp3_44100_128' ->
+    ('mp3', 44100) (the bit rate is ours). Others (ulaw_8000, alaw_8000) are a 400."""
+    codec, _, rest = output_format.partition("_")
+    rate = rest.partition("_")[0]
+    if codec not in ELEVENLABS_FORMATS or not rate.isdigit() or not 8000 <= int(rate) <= 48000:
+        raise ApiError(400, f"output_format {output_format[:40]!r} is not supported; use pcm_<rate> (8000 to "
+                            "48000), mp3_<rate>_<kbps> or opus_48000_<kbps>", param="output_format",
+                       code="invalid_value")
+    return ELEVENLABS_FORMATS[codec], int(rate)
+
+
+def even_alignment(text: str, seconds: float) -> dict:
+    """ElevenLabs' alignment of `text` spoken in `seconds`, each character an equal share of the time: Qwen3-TTS gives
+    no timings, and the frameworks need the characters (Pipecat builds the spoken transcript from them)."""
+    total, count = round(seconds * 1000), max(1, len(text))
+    starts = [total * i // count for i in range(len(text))]
+    return {"chars": list(text), "charStartTimesMs": starts,
+            "charDurationsMs": [end - start for start, end in zip(starts, [*starts[1:], total], strict=True)]}
+
+
+class ElevenLabsSession:
+    """ElevenLabs' text-to-speech WebSockets, the part that Pipecat's and LiveKit Agents' ElevenLabs plugins use, so
+    that they work by changing their base URL: /v1/text-to-speech/{voice_id}/multi-stream-input (contexts, by
+    context_id) and /stream-input (one context; the socket closes after it). The query gives output_format (default
+    mp3_44100_128), language_code and auto_mode; voice_id is one of this server's voices.
+    In: {"text", "context_id", "voice_settings": {"speed"}, "flush"} (a context opens with its first text, " " by
+    convention; "" keeps it alive, in stream-input it ends the text), {"context_id", "flush": true},
+    {"context_id", "close_context": true} (no more text: what was sent is spoken, then isFinal), {"close_socket": true}.
+    auto_mode=true makes every text message speakable as it is (the client sends whole sentences); otherwise
+    sentences are found as on /v1/audio/speech/ws.
+    Out: {"audio": base64, "isFinal": false, "contextId"}; after each segment {"audio": null, "alignment",
+    "normalizedAlignment"} (even_alignment); {"isFinal": true, "contextId"} when a context is spoken; and
+    {"error", "message", "contextId"} for what it cannot do (a bad connection is then closed with 1008)."""
+
+    MAX_CONTEXTS = 5              # as ElevenLabs: five contexts open on one connection at most
+    DEFAULT_CONTEXT = "default"   # stream-input's one context, and multi-stream-input messages without a context_id
+
+    def __init__(self, server: Server, ws: WebSocket, voice_id: str, multi: bool):
+        self.server, self.ws, self.voice_id, self.multi = server, ws, voice_id, multi
+        self._contexts: dict[str, tuple[SpeechStream, asyncio.Task]] = {}
+        self._fields: dict[str, Any] = {}
+        self._format = "mp3"
+        self._auto_mode = False
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    async def run(self) -> None:
+        self.server.metrics.websocket_session(True)
+        try:
+            try:
+                await self._configure()
+            except (ValidationError, ServiceError) as exc:
+                return await self._refuse_connection(exc)
+            async for message in json_messages(self.ws, self.server.settings.ws_max_message_bytes, self._error):
+                if message.get("close_socket") is True:
+                    break
+                await self._dispatch(message)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for _, task in list(self._contexts.values()):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await self._close(1000)
+            self.server.metrics.websocket_session(False)
+        return None
+
+    async def _configure(self) -> None:
+        """The connection's settings from its query; the voice and the rest are checked once here."""
+        query = self.ws.query_params
+        self._format, rate = elevenlabs_format(query.get("output_format") or "mp3_44100_128")
+        self._auto_mode = (query.get("auto_mode") or "").lower() == "true"
+        if (query.get("enable_ssml_parsing") or "").lower() == "true":
+            raise ApiError(400, "enable_ssml_parsing=true is not supported: SSML tags would be read out as text",
+                           param="enable_ssml_parsing", code="invalid_value")
+        self._fields = {"voice": self.voice_id, "sample_rate": rate, "language": query.get("language_code") or None}
+        probe = await SpeechStream.open(self.server, self._fields, self._format, "elevenlabs")
+        probe.output.close()
+
+    async def _dispatch(self, message: dict) -> None:
+        context_id = message.get("context_id", self.DEFAULT_CONTEXT) if self.multi else self.DEFAULT_CONTEXT
+        if not isinstance(context_id, str) or not 0 < len(context_id) <= 200:
+            return await self._error("'context_id' must be a string of 1 to 200 characters")
+        text, flush = message.get("text"), message.get("flush") is True
+        if text is not None and not isinstance(text, str):
+            return await self._error("'text' must be a string", context_id)
+        context = self._contexts.get(context_id)
+        stream = context[0] if context else None
+        if message.get("close_context") is True:
+            if stream is not None and not stream.text.ended:
+                stream.end()
+            return None                                  # closing a context that is gone already is no error
+        if text is None and not flush:
+            return await self._error("a message needs 'text', 'flush', 'close_context' or 'close_socket'", context_id)
+        if text == "" and not flush:                     # a keep-alive; stream-input's end of the text
+            if stream is not None and not self.multi:
+                stream.end()
+            return None
+        if stream is None:
+            if text is None:
+                return None                              # a flush of a context that has no text: nothing to speak
+            stream = await self._open(context_id, message.get("voice_settings"))
+            if stream is None:
+                return None
+        if stream.text.ended:
+            return await self._error(f"context {context_id[:40]!r} is closed: it takes no more text", context_id)
+        try:
+            if text:
+                stream.add(text)
+        except ValueError as exc:
+            return await self._error(str(exc), context_id)
+        if flush or self._auto_mode:
+            stream.flush()
+        return None
+
+    async def _open(self, context_id: str, voice_settings: Any) -> Optional[SpeechStream]:
+        if len(self._contexts) >= self.MAX_CONTEXTS:
+            await self._error(f"{self.MAX_CONTEXTS} contexts are open on this connection: close one before opening "
+                              "another", context_id, code="max_active_conversations")
+            return None
+        fields = dict(self._fields)
+        if isinstance(voice_settings, dict) and voice_settings.get("speed") is not None:
+            fields["speed"] = voice_settings["speed"]
+        try:
+            stream = await SpeechStream.open(self.server, fields, self._format, "elevenlabs")
+        except ValidationError as exc:
+            await self._error(validation_error_to_api_error(exc).message, context_id)
+            return None
+        except ServiceError as exc:
+            await self._error(str(exc), context_id, code=api_error(exc).code or "error")
+            return None
+        self._contexts[context_id] = (stream, asyncio.create_task(self._speak(context_id, stream)))
+        return stream
+
+    async def _speak(self, context_id: str, stream: SpeechStream) -> None:
+        async def audio(data: bytes) -> None:
+            await self._send({"audio": base64.b64encode(data).decode(), "isFinal": False}, context_id)
+
+        async def alignment(plan: SpeechPlan, seconds: float) -> None:
+            await self._send({"audio": None, "isFinal": False, "alignment": even_alignment(plan.text + " ", seconds),
+                              "normalizedAlignment": even_alignment(" ".join(plan.segments) + " ", seconds)},
+                             context_id)
+
+        try:
+            await stream.run(audio, alignment)
+        except ValidationError as exc:
+            await self._error(validation_error_to_api_error(exc).message, context_id)
+        except ServiceError as exc:
+            await self._error(str(exc), context_id, code=api_error(exc).code or "error")
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the session silently
+            logger.opt(exception=exc).error("ElevenLabs session: unexpected error")
+            await self._error(f"internal error: {type(exc).__name__}", context_id)
+        finally:
+            self._contexts.pop(context_id, None)
+            stream.output.close()
+        await self._send({"isFinal": True}, context_id)
+        if not self.multi:
+            await self._close(1000)
+
+    async def _send(self, payload: dict, context_id: Optional[str] = None) -> None:
+        if self.multi and context_id is not None:
+            payload["contextId"] = context_id
+        async with self._send_lock:
+            if not self._closed:
+                await self.ws.send_json(payload)
+
+    async def _error(self, detail: str, context_id: Optional[str] = None, code: str = "invalid_message") -> None:
+        await self._send({"error": code, "message": detail}, context_id)
+
+    async def _refuse_connection(self, exc: Union[ValidationError, ServiceError]) -> None:
+        error = validation_error_to_api_error(exc) if isinstance(exc, ValidationError) else api_error(exc)
+        await self._error(error.message, code=error.code or "invalid_request")
+        await self._close(1008, error.message)
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        async with self._send_lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await self.ws.close(code, reason.encode()[:120].decode(errors="ignore"))
+
+
 def add_websocket_routes(app: FastAPI, server: Server) -> None:
     @app.websocket("/v1/audio/speech/ws")
     async def speech_ws(ws: WebSocket) -> None:
         await ws.accept()
         await WebSocketSession(server, ws).run()
+
+    @app.websocket("/v1/text-to-speech/{voice_id}/stream-input")
+    async def elevenlabs_stream_input(ws: WebSocket, voice_id: str) -> None:
+        await ws.accept()
+        await ElevenLabsSession(server, ws, voice_id, multi=False).run()
+
+    @app.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")
+    async def elevenlabs_multi_stream_input(ws: WebSocket, voice_id: str) -> None:
+        await ws.accept()
+        await ElevenLabsSession(server, ws, voice_id, multi=True).run()
 
 
 # ---- observability: Prometheus metrics and logs
