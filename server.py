@@ -4738,7 +4738,7 @@ class IncrementalText:
             if match.group(0)[0] in "。！？；":
                 certain = True
             elif match.end() == len(text):
-                return                        # "3." may become "3.5": wait for the next piece
+                break                         # "3." may become "3.5": wait for the next piece
             elif text[match.end():].strip():
                 certain = _ends_sentence(text, match, self.language)
             else:                             # only whitespace after it so far: would a capital word start anew?
@@ -4939,7 +4939,8 @@ class WebSocketSession:
     - An utterance (the seed's form): one JSON message {"input", "voice", ...} -> audio, then {"event": "done"}.
     - A stream (incremental text): {"event": "start", "voice", ...} (a speech request's fields without input), then
       {"event": "text", "text"} pieces as an LLM writes them, {"event": "flush"} (speak what has arrived),
-      {"event": "end"} (no more text) -> audio from the first speakable piece on, {"event": "done"} after the end.
+      {"event": "end"} (no more text) -> audio from the first speakable piece on, {"event": "done"} after the end;
+      start, flush and end may carry a "text" piece too, added first.
     {"event": "cancel"} stops what is being spoken at once and releases it ({"event": "cancelled"}). Utterances and
     streams are spoken in the order they came; WS_MAX_QUEUED_MESSAGES of them wait at most (the next is refused). A
     message the session does not understand gets {"event": "error", "detail"}; the socket stays open."""
@@ -4997,25 +4998,36 @@ class WebSocketSession:
             return await self._start(message)
         if self._stream is None:
             return await self._error(f"'{event}' needs an open stream: send {{\"event\": \"start\"}} first")
-        if event == "text":
-            text = message.get("text")
-            if not isinstance(text, str):
-                return await self._error("'text' must be a string")
-            try:
-                self._stream.add(text)
-            except ValueError as exc:
-                return await self._error(str(exc))
-        elif event == "flush":
+        if not await self._add_text(message, required=event == "text"):
+            return None
+        if event == "flush":
             self._stream.flush()
-        else:
+        elif event == "end":
             self._stream.end()
             self._stream = None
         return None
 
+    async def _add_text(self, message: dict, required: bool) -> bool:
+        """A stream message's `text` (start, flush and end may carry one too) into the open stream; False when it
+        was refused (with an error event)."""
+        assert self._stream is not None
+        text = message.get("text")
+        if text is None and not required:
+            return True
+        if not isinstance(text, str):
+            await self._error("'text' must be a string")
+            return False
+        try:
+            self._stream.add(text)
+        except ValueError as exc:
+            await self._error(str(exc))
+            return False
+        return True
+
     async def _start(self, message: dict) -> None:
         if self._stream is not None:
             return await self._error("a stream is open already: send {\"event\": \"end\"} (or cancel) first")
-        fields = {k: v for k, v in message.items() if k not in ("event", "input")}
+        fields = {k: v for k, v in message.items() if k not in ("event", "input", "text")}
         try:
             stream = await SpeechStream.open(self.server, fields, "pcm", "ws_stream")
         except ValidationError as exc:
@@ -5024,6 +5036,7 @@ class WebSocketSession:
             return await self._error(str(exc))
         if await self._enqueue(stream):
             self._stream = stream
+            await self._add_text(message, required=False)
         else:
             stream.output.close()
         return None

@@ -1772,6 +1772,9 @@ def test_a_sentence_is_speakable_once_its_end_is_certain():
     assert text.take(False) is None                       # an initialism
     text.add("nobody.\n- one item\n- another")
     assert text.take(False) == "Who knows, e.g. nobody. - one item" and text.pending == len("- another")
+    text = server.IncrementalText("en", 300, 4096)
+    text.add("A line\nthen Dr.")                          # a line break ends a sentence, whatever follows it
+    assert text.take(False) == "A line" and text.take(False) is None
 
 
 def test_sentences_waiting_together_are_merged_up_to_the_segment_limit():

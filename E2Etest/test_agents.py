@@ -1,7 +1,7 @@
 """What voice-agent frameworks need, tried with their own client code against a live server (issue 13): instructions
 that the model cannot follow are accepted (several frameworks send one on every call); Pipecat's OpenAI and ElevenLabs
-TTS services get speech (Pipecat runs in a virtual environment of its own, built here on first use); ElevenLabs'
-stream-input WebSockets speak incremental text."""
+TTS services and LiveKit Agents' ElevenLabs plugin get speech (the frameworks run in a virtual environment of their
+own, built here on first use); ElevenLabs' stream-input WebSockets speak incremental text."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 from conftest import ROOT, decode, rms
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
-PIPECAT_VENV = ROOT / "build" / "venv-pipecat"
+AGENTS_VENV = ROOT / "build" / "venv-agents"
 
 
 def ignored_instructions(http) -> float:
@@ -61,29 +61,30 @@ def test_the_websocket_says_so_in_its_done_event(url):
         assert receive_utterance(ws)[1] == {"event": "done"}
 
 
-# ---- Pipecat's own services, in a Pipecat pipeline
+# ---- the frameworks' own clients: Pipecat's services in a Pipecat pipeline, LiveKit Agents' plugin
 @pytest.fixture(scope="session")
-def pipecat_python() -> str:
-    """The Python of Pipecat's virtual environment: built on first use (a minute), then kept until
-    clients/requirements-pipecat.txt changes. A lock keeps parallel test runs from building it twice."""
-    requirements = CLIENTS / "requirements-pipecat.txt"
+def agents_python() -> str:
+    """The Python of the frameworks' virtual environment: built on first use (a few minutes), then kept until
+    clients/requirements-agents.txt changes. A lock keeps parallel test runs from building it twice."""
+    requirements = CLIENTS / "requirements-agents.txt"
     want = hashlib.sha256(requirements.read_bytes()).hexdigest()
-    python, stamp = PIPECAT_VENV / "bin" / "python", PIPECAT_VENV / ".installed"
-    PIPECAT_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(PIPECAT_VENV.parent / ".venv-pipecat.lock", "w") as lock:
+    python, stamp = AGENTS_VENV / "bin" / "python", AGENTS_VENV / ".installed"
+    AGENTS_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(AGENTS_VENV.parent / ".venv-agents.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (stamp.exists() and stamp.read_text() == want):
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(PIPECAT_VENV)], check=True, timeout=WAIT)
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(AGENTS_VENV)], check=True, timeout=WAIT)
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
                             str(requirements)], check=True, timeout=1800)
             stamp.write_text(want)
     return str(python)
 
 
-def run_pipecat(python: str, kind: str, url: str, tmp_path: Path, sentences: list[str], *flags: str) -> dict:
-    """Run clients/pipecat_tts.py; -> what it printed, with its audio decoded (s16le mono) as "pcm"."""
-    out = tmp_path / f"{kind}.pcm"
-    done = subprocess.run([python, str(CLIENTS / "pipecat_tts.py"), kind, url, str(out), *sentences, *flags],
+def run_client(python: str, script: str, args: list[str], tmp_path: Path) -> dict:
+    """Run clients/<script> KIND URL OUT SENTENCE... (args without OUT); -> what it printed, with its audio decoded
+    (s16le mono) as "pcm"."""
+    out = tmp_path / "audio.pcm"
+    done = subprocess.run([python, str(CLIENTS / script), *args[:2], str(out), *args[2:]],
                           capture_output=True, text=True, timeout=2 * WAIT)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,12 +101,14 @@ def spoken_alone(http, text: str) -> np.ndarray:
 
 
 PIPECAT_TEXT = ["Hello there.", "This is a test of the pipeline."]
+# LiveKit's sentence tokenizer sends sentences of 20 characters or more, and the first once it has seen 10 more.
+AGENT_TEXT = ["Hello there, this is the first one.", "And here comes the second."]
 
 
-def test_pipecat_openai_service_gets_streamed_speech(pipecat_python, url, http, tmp_path):
+def test_pipecat_openai_service_gets_streamed_speech(agents_python, url, http, tmp_path):
     """Pipecat's OpenAITTSService (its request plus "stream_format": "audio"): 24 kHz PCM, the length of the same
     request sent directly, and its first audio came while the server was still synthesizing."""
-    result = run_pipecat(pipecat_python, "openai", url, tmp_path, PIPECAT_TEXT, "--stream-format")
+    result = run_client(agents_python, "pipecat_tts.py", ["openai", url, *PIPECAT_TEXT, "--stream-format"], tmp_path)
     assert result["errors"] == [] and result["sample_rate"] == 24000
     assert result["pcm"].size == spoken_alone(http, " ".join(PIPECAT_TEXT)).size and rms(result["pcm"]) > 0
     assert result["first_audio_while_synthesizing"] is True
@@ -113,22 +116,32 @@ def test_pipecat_openai_service_gets_streamed_speech(pipecat_python, url, http, 
 
 @pytest.mark.xfail(strict=True, reason="POST /v1/audio/speech buffers an answer without stream_format until issue 13 "
                                        "item 1 (every answer streamed) is merged; remove this mark then")
-def test_pipecat_openai_service_unchanged_gets_its_first_audio_while_the_server_synthesizes(pipecat_python, url,
+def test_pipecat_openai_service_unchanged_gets_its_first_audio_while_the_server_synthesizes(agents_python, url,
                                                                                            tmp_path):
-    result = run_pipecat(pipecat_python, "openai", url, tmp_path, PIPECAT_TEXT)
+    result = run_client(agents_python, "pipecat_tts.py", ["openai", url, *PIPECAT_TEXT], tmp_path)
     assert result["errors"] == [] and result["pcm"].size > 0
     assert result["first_audio_while_synthesizing"] is True
 
 
-def test_pipecat_elevenlabs_service_speaks_an_llms_tokens_as_they_come(pipecat_python, url, http, tmp_path):
+def test_pipecat_elevenlabs_service_speaks_an_llms_tokens_as_they_come(agents_python, url, http, tmp_path):
     """Pipecat's ElevenLabsTTSService on /v1/text-to-speech/nova/multi-stream-input: the first audio comes before the
     rest of the tokens are sent; each sentence is one segment (the lengths of the two spoken alone); the words come
     back from the alignment, as Pipecat adds them to the conversation."""
-    result = run_pipecat(pipecat_python, "elevenlabs", url, tmp_path, PIPECAT_TEXT)
+    result = run_client(agents_python, "pipecat_tts.py", ["elevenlabs", url, *AGENT_TEXT], tmp_path)
     assert result["errors"] == [] and result["sample_rate"] == 24000
     assert result["first_audio_before_text_end"] is True
-    assert result["pcm"].size == sum(spoken_alone(http, text).size for text in PIPECAT_TEXT) and rms(result["pcm"]) > 0
-    assert result["spoken"] == " ".join(PIPECAT_TEXT).split()
+    assert result["pcm"].size == sum(spoken_alone(http, text).size for text in AGENT_TEXT) and rms(result["pcm"]) > 0
+    assert result["spoken"] == " ".join(AGENT_TEXT).split()
+
+
+def test_livekit_elevenlabs_plugin_speaks_an_llms_tokens_as_they_come(agents_python, url, http, tmp_path):
+    """LiveKit Agents' elevenlabs.TTS stream (multi-stream-input, auto_mode, a flush per sentence): first audio
+    before the rest of the text is pushed, each sentence one segment, the words back in its timed transcript."""
+    result = run_client(agents_python, "livekit_tts.py", ["elevenlabs", url, *AGENT_TEXT], tmp_path)
+    assert result["errors"] == [] and result["sample_rate"] == 24000
+    assert result["first_audio_before_text_end"] is True
+    assert result["pcm"].size == sum(spoken_alone(http, text).size for text in AGENT_TEXT) and rms(result["pcm"]) > 0
+    assert result["spoken"] == " ".join(AGENT_TEXT).split()
 
 
 # ---- ElevenLabs' stream-input protocols with a plain WebSocket client

@@ -1,7 +1,7 @@
 """Pipecat's own TTS services against a live server, in a Pipecat pipeline, as a voice agent would run them.
 
-Runs in its own virtual environment (pipecat-ai pins numpy, soundfile, soxr and protobuf apart from the server's; see
-requirements-pipecat.txt and E2Etest/test_agents.py, which builds it and reads what this prints):
+Runs in the frameworks' own virtual environment (pipecat-ai pins soundfile, soxr and protobuf apart from the server's;
+see requirements-agents.txt and E2Etest/test_agents.py, which builds it and reads what this prints):
 
     pipecat_tts.py openai     BASE_URL OUT.pcm SENTENCE... [--stream-format]
     pipecat_tts.py elevenlabs BASE_URL OUT.pcm SENTENCE...
