@@ -5064,9 +5064,9 @@ class WebSocketSession:
                     await task
                 raise
             self._speaking = None
+            if item is self._stream:
+                self._stream = None                           # cancelled or failed: it takes no more text
             if task.cancelled():
-                if item is self._stream:
-                    self._stream = None
                 await self._send({"event": "cancelled"})
             elif task.exception() is not None:                # the client went away while it was spoken to
                 return
