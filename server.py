@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from decimal import Decimal
@@ -65,6 +65,9 @@ SAMPLES_PER_FRAME = 1920     # one codec frame = 80 ms
 # Response formats and their content types (OpenAI's six, plus the seed's Ogg Vorbis).
 FORMATS: dict[str, str] = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
                            "wav": "audio/wav", "pcm": "audio/pcm", "ogg": "audio/ogg"}
+# The longest WebSocket message the server reads at all: a longer one closes the socket (1009, "message too big") before
+# it is in memory. Messages up to WS_MAX_MESSAGE_BYTES are handled; longer ones, up to this, get an error event.
+WS_FRAME_MAX_BYTES = 2**20
 
 
 # ---- configuration: every environment variable, read and validated in one place
@@ -180,6 +183,10 @@ class Settings:
     voice_cache_max: int = setting("VOICE_CACHE_MAX", 32, lo=0, hi=10**6)
     data_dir: str = setting("DATA_DIR", "data")
     database_url: str = setting("DATABASE_URL", "", parse=_parse_database_url)
+    unsupported_instructions: str = setting("UNSUPPORTED_INSTRUCTIONS", "ignore", choices=("ignore", "reject"))
+    # WebSocket sessions
+    ws_max_message_bytes: int = setting("WS_MAX_MESSAGE_BYTES", 65536, lo=1024, hi=WS_FRAME_MAX_BYTES)
+    ws_max_queued_messages: int = setting("WS_MAX_QUEUED_MESSAGES", 8, lo=1, hi=10_000)
     # serving and observability
     host: str = setting("HOST", "0.0.0.0")
     port: int = setting("PORT", 8000, lo=1, hi=65535)
@@ -4875,6 +4882,7 @@ class SpeechPlan:
     response_format: str
     normalize: bool
     voice_prompt: Optional[VoicePrompt] = None    # a cloned voice; `voice` is then its id, in the cache key
+    instructions_ignored: Optional[str] = None    # why the request's instructions are not followed (None: followed)
 
     def cache_key(self, wire: str) -> str:
         """Every parameter that changes the bytes, plus the wire variant (streamed and buffered WAVs differ)."""
@@ -4959,6 +4967,38 @@ async def until_disconnected(request: Request, awaitable: Any, poll: float = 0.2
 
 
 # ---- HTTP: who speaks a request, and the plan of what it will say
+class InstructionPolicy:
+    """Instructions that the speaking model cannot follow (a 0.6B CustomVoice model; the Base model of a cloned voice).
+    UNSUPPORTED_INSTRUCTIONS=ignore, as OpenAI does for its models without instructions: accepted, not followed, and
+    said so (the X-Instructions-Ignored header, `instructions_ignored` in a WebSocket's done event, a log line, the
+    tts_instructions_ignored_total metric). =reject: 400 instructions_not_supported."""
+
+    REASONS = {"base": "cloned voices are spoken by a Base model, which takes no instructions",
+               "custom_voice": "Qwen3-TTS 0.6B CustomVoice models cannot follow instructions"}
+
+    def __init__(self, mode: str, metrics: Metrics):
+        self.mode, self.metrics = mode, metrics
+
+    def apply(self, info: ModelInfo, instructions: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+        """-> (the instructions the model follows, or None; why the request's are ignored, or None)."""
+        if not instructions or info.accepts_instructions:
+            return instructions, None
+        reason = self.REASONS.get(info.kind, f"{info.kind} models cannot follow instructions")
+        if self.mode == "reject":
+            raise InvalidRequest(f"model {info.model_id!r} cannot follow instructions ({reason}); remove "
+                                 "'instructions', use a 1.7B CustomVoice or VoiceDesign model, or set "
+                                 "UNSUPPORTED_INSTRUCTIONS=ignore", param="instructions",
+                                 code="instructions_not_supported")
+        self.metrics.instructions_ignored(info.kind)
+        logger.bind(model=info.model_id, reason=reason).info("instructions ignored: {}", reason)
+        return None, reason
+
+
+def instruction_headers(plan: SpeechPlan) -> dict[str, str]:
+    """The response header that says a request's instructions were accepted but not followed."""
+    return {"X-Instructions-Ignored": plan.instructions_ignored} if plan.instructions_ignored else {}
+
+
 class Voices:
     """A request's voice: a built-in speaker of MODEL_ID, or a custom voice (by id or name) whose stored prompt the
     Base model speaks; and voice prompts computed from reference audio on the model thread, through the prompt
@@ -5046,8 +5086,8 @@ class Planner:
     """A speech request -> its SpeechPlan, checked against the model that will speak it (no side effects): the
     same for every endpoint, the WebSocket included, so its errors are domain errors (InvalidRequest...)."""
 
-    def __init__(self, settings: Settings, voices: Voices):
-        self.settings, self.voices = settings, voices
+    def __init__(self, settings: Settings, voices: Voices, instruction_policy: InstructionPolicy):
+        self.settings, self.voices, self.instruction_policy = settings, voices, instruction_policy
 
     async def plan(self, req: SpeechRequest, *, response_format: Optional[str] = None,
                    voice: Optional[VoiceChoice] = None) -> SpeechPlan:
@@ -5057,13 +5097,7 @@ class Planner:
                                  "(MAX_INPUT_CHARS)", param="input", code="string_above_max_length")
         voice = voice or await self.voices.choose(req.voice)
         info = await self.voices.model_info(voice.model_id)
-        instructions = req.style
-        if instructions and not info.accepts_instructions:
-            reason = ("cloned voices are spoken by a Base model, which takes no instructions" if info.kind == "base"
-                      else "Qwen3-TTS 0.6B CustomVoice models ignore them")
-            raise InvalidRequest(f"model {info.model_id!r} cannot follow instructions ({reason}); remove "
-                                 "'instructions', or use a 1.7B CustomVoice or VoiceDesign model",
-                                 param="instructions", code="instructions_not_supported")
+        instructions, ignored = self.instruction_policy.apply(info, req.style)
         if info.kind == "voice_design" and not instructions:
             raise InvalidRequest(f"model {info.model_id!r} designs its voice from 'instructions': describe the "
                                  "voice there", param="instructions", code="missing_required_parameter")
@@ -5081,7 +5115,7 @@ class Planner:
             sampling=Sampling(temperature=req.temperature, top_p=req.top_p, seed=req.seed), speed=req.speed,
             sample_rate=req.sample_rate or SAMPLE_RATE,
             response_format=response_format or req.response_format or s.default_response_format,
-            normalize=s.text_normalize, voice_prompt=voice.prompt)
+            normalize=s.text_normalize, voice_prompt=voice.prompt, instructions_ignored=ignored)
 
     def _prepare_text(self, text: str, iso: Optional[str]) -> list[str]:
         if self.settings.text_normalize and iso:
@@ -5264,7 +5298,8 @@ class Server:
         self.in_flight = InFlight()
         self.started = time.time()
         self.voices = Voices(settings, self.engine, self.prompts, lambda: self.store)
-        self.planner = Planner(settings, self.voices)
+        self.planner = Planner(settings, self.voices, InstructionPolicy(settings.unsupported_instructions,
+                                                                         self.metrics))
         self.requests = RequestLog(self.metrics)
         self.redact = PathRedactor(settings)
         self.errors = ErrorReplies(self.metrics, self.redact)
@@ -5319,7 +5354,7 @@ class WholeFile:
         cached = self.server.cache.get(key)
         if cached is not None:
             self.server.requests.cached(self.endpoint, plan)
-            return Response(cached, media_type=media_type, headers={"X-Cache": "hit"})
+            return Response(cached, media_type=media_type, headers={"X-Cache": "hit", **instruction_headers(plan)})
         started = time.monotonic()
         synthesis = Synthesis(self.server, plan, streaming=False)
         output = AudioOutput(plan.response_format, plan.speed, plan.sample_rate, streaming=False)
@@ -5339,7 +5374,7 @@ class WholeFile:
             self.server.requests.synthesized(self.endpoint, plan, status, synthesis, output.seconds, started,
                                              cache_hit=False)
         self.server.cache.put(key, data)
-        return Response(data, media_type=media_type, headers={"X-Cache": "miss"})
+        return Response(data, media_type=media_type, headers={"X-Cache": "miss", **instruction_headers(plan)})
 
     @staticmethod
     async def _collect(synthesis: Synthesis, output: AudioOutput) -> bytes:
@@ -5394,7 +5429,7 @@ class Stream:
         return data
 
     async def respond(self, request: Request, plan: SpeechPlan) -> Response:
-        headers = {**SSE_HEADERS, **self.headers(plan)}
+        headers = {**SSE_HEADERS, **self.headers(plan), **instruction_headers(plan)}
         key = plan.cache_key("stream") if self.cached and self.server.cache.max_entries else None
         if key and (hit := self.server.cache.get(key)) is not None:
             self.server.requests.cached(self.endpoint, plan)
@@ -5599,8 +5634,9 @@ class ApiKeyMiddleware:
     def _authorized(self, scope: dict) -> bool:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         key = token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
-        if not key and scope["type"] == "websocket":
-            key = QueryParams(scope.get("query_string", b"")).get("api_key", "").encode()
+        if not key and scope["type"] == "websocket":          # ElevenLabs' clients send xi-api-key
+            key = (QueryParams(scope.get("query_string", b"")).get("api_key", "").encode()
+                   or Headers(scope=scope).get("xi-api-key", "").encode("latin-1"))
         return hmac.compare_digest(key, self.api_key)
 
 
@@ -5864,11 +5900,6 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     async def speech_stream_pcm(req: SpeechRequest, request: Request) -> Response:
         return await seed_pcm.respond(request, await server.plan(req, response_format="pcm"))
 
-    @app.websocket("/v1/audio/speech/ws")
-    async def speech_ws(ws: WebSocket) -> None:
-        await ws.accept()
-        await WebSocketSession(server, ws).run()
-
     @app.get("/v1/models", summary="Models (OpenAI-compatible)")
     async def models() -> dict:
         created = int(server.started)
@@ -5886,6 +5917,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         return found
 
     add_voice_routes(app, server, clone_file)
+    add_websocket_routes(app, server)
 
     @app.get("/", include_in_schema=False)
     async def web_page() -> FileResponse:
@@ -6131,111 +6163,669 @@ def add_voice_routes(app: FastAPI, server: Server, clone_file: WholeFile) -> Non
         return await clone_file.respond(request, plan)
 
 
+# ---- HTTP: WebSocket sessions. Text in pieces -> speakable segments -> one job each -> one continuous audio stream;
+# the seed's and our own protocol on /v1/audio/speech/ws, ElevenLabs' stream-input protocols for agent frameworks.
+FIRST_CLAUSE_MIN_CHARS = 30   # a silent stream may speak a clause (up to a comma) once it has this many characters
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")   # JSON escapes can write them; they are not text
+
+
+class IncrementalText:
+    """Text that arrives in pieces (an LLM's tokens) -> speakable segments, in order.
+
+    A sentence is speakable once its end is certain: its terminator is followed by more text, or by whitespace where
+    no abbreviation could go on ("Hello. " is an end, "Dr. " waits, "3." waits for what follows). take(clause_ok) also
+    cuts at a clause of FIRST_CLAUSE_MIN_CHARS or more when the caller has nothing playing, and cuts text that grew
+    past `max_chars` without an end. Sentences that wait together are merged into segments of at most `max_chars`, as
+    split_segments() merges them; flush() makes everything speakable as it is (never merged with what comes after);
+    end() flushes and takes no more text. At most `max_pending` characters wait to be taken."""
+
+    def __init__(self, language: str, max_chars: int, max_pending: int):
+        self.language, self.max_chars, self.max_pending = language, max_chars, max_pending
+        self._fixed: collections.deque[str] = collections.deque()   # segments decided already, in order
+        self._text = ""              # text after them
+        self._complete = 0           # _text[:_complete] is whole sentences
+        self.ended = False
+
+    @property
+    def pending(self) -> int:
+        return sum(map(len, self._fixed)) + len(self._text)
+
+    @property
+    def finished(self) -> bool:
+        """No more text comes and every segment has been taken."""
+        return self.ended and not self._fixed
+
+    def add(self, piece: str) -> None:
+        """Append a piece; ValueError when the stream has ended or the piece would exceed `max_pending`."""
+        if self.ended:
+            raise ValueError("the stream has ended: it takes no more text")
+        if self.pending + len(piece) > self.max_pending:
+            raise ValueError(f"this piece would make {self.pending + len(piece)} characters wait to be spoken; the "
+                             f"limit is {self.max_pending} (MAX_INPUT_CHARS): the piece was dropped, send it again "
+                             "once audio has played")
+        self._text += piece
+        self._find_sentences()
+
+    def flush(self) -> None:
+        self._fixed.extend(split_segments(self._text, self.language, self.max_chars))
+        self._text, self._complete = "", 0
+
+    def end(self) -> None:
+        self.flush()
+        self.ended = True
+
+    def take(self, clause_ok: bool) -> Optional[str]:
+        """The next speakable segment, or None while there is none."""
+        while not self._fixed:
+            cut = self._complete or (self._clause_end() if clause_ok else 0)
+            if not cut and len(self._text) > self.max_chars:
+                cut = _cut_position(self._text, self.max_chars)
+            if not cut:
+                return None
+            head, self._text = self._text[:cut], self._text[cut:]
+            self._complete = max(0, self._complete - cut)
+            self._find_sentences()
+            self._fixed.extend(split_segments(head, self.language, self.max_chars))
+        return self._fixed.popleft()
+
+    def _find_sentences(self) -> None:
+        """Move _complete past every sentence end that is certain now (a line break ends one too)."""
+        text = self._text
+        for match in _SENTENCE_END.finditer(text, self._complete):
+            if match.group(0)[0] in "。！？；":
+                certain = True
+            elif match.end() == len(text):
+                break                         # "3." may become "3.5": wait for the next piece
+            elif text[match.end():].strip():
+                certain = _ends_sentence(text, match, self.language)
+            else:                             # only whitespace after it so far: would a capital word start anew?
+                certain = _ends_sentence(text + "A", match, self.language)
+            if certain:
+                self._complete = match.end()
+        newline = text.rfind("\n", self._complete)
+        if newline >= 0 and text[:newline].strip():
+            self._complete = newline + 1
+
+    def _clause_end(self) -> int:
+        for match in _CLAUSE_END.finditer(self._text):
+            if len(self._text[:match.end()].strip()) >= FIRST_CLAUSE_MIN_CHARS:
+                return match.end()
+        return 0
+
+
+@dataclass
+class _SegmentJob:
+    """One speakable segment of a SpeechStream in the engine."""
+
+    plan: SpeechPlan
+    synthesis: Synthesis
+    chunks: AsyncIterator[np.ndarray]
+    started: float
+    next_chunk: Optional[asyncio.Future] = None
+    audio_seconds: float = 0.0
+
+    async def close(self, server: Server, endpoint: str, status: int) -> None:
+        if self.next_chunk is not None and not self.next_chunk.done():
+            self.next_chunk.cancel()
+            with contextlib.suppress(BaseException):
+                await self.next_chunk          # the generator must stop before it can be closed
+        await self.chunks.aclose()
+        self.synthesis.close()
+        server.log_request(endpoint, self.plan, status, self.synthesis, self.audio_seconds, self.started)
+
+
+class SpeechStream:
+    """Speech from text that arrives while it is spoken: each speakable segment (IncrementalText) becomes a job, planned
+    as a request of its own with the stream's voice and settings. At most LOOKAHEAD jobs run at once: the one whose
+    audio is being sent and the next, submitted as soon as its text is speakable so that it is ready when the first
+    ends. All their PCM goes through one AudioOutput (speed, resampling, encoder): one continuous stream in one
+    voice. A seeded stream's segment i uses seed + i, so the same pieces give the same audio."""
+
+    LOOKAHEAD = 2
+
+    def __init__(self, server: Server, request: SpeechRequest, voice: VoiceChoice, response_format: str,
+                 endpoint: str, language_iso: Optional[str] = None):
+        s = server.settings
+        self.server, self.request, self.voice, self.endpoint = server, request, voice, endpoint
+        self.text = IncrementalText(language_iso or "en", s.segment_max_chars, s.max_input_chars)
+        self.output = AudioOutput(response_format, request.speed, request.sample_rate or SAMPLE_RATE, streaming=True)
+        self.instructions_ignored: Optional[str] = None
+        self.segments = 0
+        self._language = request.language
+        self._changed = asyncio.Event()
+        self._jobs: collections.deque[_SegmentJob] = collections.deque()
+
+    @classmethod
+    async def open(cls, server: Server, fields: dict, response_format: str, endpoint: str) -> SpeechStream:
+        """Validate a stream's settings (the fields of a speech request, without input) and choose its voice once;
+        raises ValidationError or ServiceError."""
+        request = SpeechRequest.model_validate({**fields, "input": "-"})
+        voice = await server.voices.choose(request.voice)
+        info = await server.voices.model_info(voice.model_id)
+        _, iso = resolve_language(request.language, "", info.model_languages) if request.language else (None, None)
+        return cls(server, request, voice, response_format, endpoint, iso)
+
+    # -- called by the session as messages arrive
+    def add(self, text: str) -> None:
+        self.text.add(text)
+        self._changed.set()
+
+    def flush(self) -> None:
+        self.text.flush()
+        self._changed.set()
+
+    def end(self) -> None:
+        self.text.end()
+        self._changed.set()
+
+    # -- the speaking
+    async def run(self, send: Callable[[bytes], Awaitable[None]],
+                  segment_done: Optional[Callable[[SpeechPlan, float], Awaitable[None]]] = None) -> None:
+        """Speak until end() and all of the text is spoken: send(bytes) for the audio, segment_done(plan, seconds)
+        after each segment. Raises ServiceError (or ValidationError) when a segment cannot be spoken; cancelling the
+        task stops everything at once."""
+        status = 499
+        try:
+            while True:
+                self._changed.clear()
+                while len(self._jobs) < self.LOOKAHEAD and (text := self.text.take(not self._jobs)) is not None:
+                    self._jobs.append(await self._submit(text))
+                if not self._jobs:
+                    if self.text.finished:
+                        break
+                    await self._changed.wait()
+                    continue
+                head = self._jobs[0]
+                if head.next_chunk is None:
+                    head.next_chunk = asyncio.ensure_future(anext(head.chunks, None))
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait({head.next_chunk, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if not head.next_chunk.done():
+                    continue                              # new text: perhaps a segment to submit
+                pcm, head.next_chunk = head.next_chunk.result(), None
+                if pcm is None:
+                    self._jobs.popleft()
+                    await head.close(self.server, self.endpoint, 200)
+                    if segment_done is not None:
+                        await segment_done(head.plan, head.audio_seconds)
+                    continue
+                before = self.output.seconds
+                data = await run_in_pool(self.output.feed, pcm)
+                head.audio_seconds += self.output.seconds - before
+                if data:
+                    await send(data)
+            tail = await run_in_pool(self.output.finish) if self.segments else b""   # nothing spoken: no audio
+            if tail:
+                await send(tail)
+            status = 200
+        except ServiceError as exc:
+            status = api_error(exc).status
+            raise
+        finally:
+            while self._jobs:
+                await self._jobs.popleft().close(self.server, self.endpoint, status)
+            self.output.close()
+
+    async def _submit(self, text: str) -> _SegmentJob:
+        seed = self.request.seed
+        request = self.request.model_copy(update={
+            "input": text, "language": self._language,
+            "seed": None if seed is None else (seed + self.segments) % 2**63})
+        plan = await self.server.plan(request, response_format="pcm", voice=self.voice)
+        if self._language in (None, "", "auto") and plan.language != "auto":
+            self._language = plan.language            # one language for the whole stream: the first one detected
+        self.instructions_ignored = self.instructions_ignored or plan.instructions_ignored
+        synthesis = Synthesis(self.server, plan, streaming=True)
+        self.segments += 1
+        return _SegmentJob(plan, synthesis, synthesis.chunks(), time.monotonic())
+
+
+async def json_messages(ws: WebSocket, max_bytes: int,
+                        refuse: Callable[[str], Awaitable[None]]) -> AsyncIterator[dict]:
+    """The JSON objects a WebSocket client sends, until it goes away. A message that is not one (a binary frame, text
+    longer than `max_bytes`, invalid JSON, JSON that is not an object, a lone surrogate) goes to refuse(detail)
+    instead, and reading goes on."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is None:
+            await refuse("binary frames are not accepted: send each message as JSON text")
+            continue
+        size = len(text.encode())
+        if size > max_bytes:
+            await refuse(f"the message is {size} bytes long; the limit is {max_bytes} (WS_MAX_MESSAGE_BYTES): it "
+                         f"was dropped (over {WS_FRAME_MAX_BYTES} bytes the socket is closed with code 1009)")
+            continue
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            await refuse("the message is not valid JSON")
+            continue
+        if not isinstance(value, dict):
+            await refuse(f"each message must be a JSON object, got {'null' if value is None else type(value).__name__}")
+            continue
+        where = lone_surrogate(value)
+        if where is not None:
+            await refuse(f"{where} contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+            continue
+        yield value
+
+
+def lone_surrogate(value: Any) -> Optional[str]:
+    """Where in a decoded JSON value a lone surrogate is ("'input'", "a key"), or None."""
+    stack: list[tuple[Any, str]] = [(value, "the message")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str) and _LONE_SURROGATE.search(item):
+            return where
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if _LONE_SURROGATE.search(key):
+                    return "a key"
+                stack.append((child, f"'{key}'"))
+        elif isinstance(item, list):
+            stack.extend((child, where) for child in item)
+    return None
+
+
 class WebSocketSession:
-    """The seed's WebSocket: JSON utterances in, binary PCM frames out, then {"event": "done"}; the socket stays open.
-    {"event": "cancel"} stops the utterance in progress (answered with {"event": "cancelled"})."""
+    """/v1/audio/speech/ws: binary PCM frames out; two forms in, on one socket.
+    - An utterance (the seed's form): one JSON message {"input", "voice", ...} -> audio, then {"event": "done"}.
+    - A stream (incremental text): {"event": "start", "voice", ...} (a speech request's fields without input), then
+      {"event": "text", "text"} pieces as an LLM writes them, {"event": "flush"} (speak what has arrived),
+      {"event": "end"} (no more text) -> audio from the first speakable piece on, {"event": "done"} after the end;
+      start, flush and end may carry a "text" piece too, added first.
+    {"event": "cancel"} stops what is being spoken at once and releases it ({"event": "cancelled"}). Utterances and
+    streams are spoken in the order they came; WS_MAX_QUEUED_MESSAGES of them wait at most (the next is refused). A
+    message the session does not understand gets {"event": "error", "detail"}; the socket stays open."""
+
+    EVENTS = ("start", "text", "flush", "end", "cancel")
 
     def __init__(self, server: Server, ws: WebSocket):
         self.server, self.ws = server, ws
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._waiting: asyncio.Queue[Union[dict, SpeechStream]] = asyncio.Queue(server.settings.ws_max_queued_messages)
+        self._stream: Optional[SpeechStream] = None        # the stream that takes text now
+        self._speaking: Optional[asyncio.Task] = None      # the utterance or stream being spoken
+        self._send_lock = asyncio.Lock()
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self._read())
+        self.server.metrics.websocket_session(True)
+        speaker = asyncio.create_task(self._speak_in_turn())
         try:
-            while True:
-                message = await self._inbox.get()
-                if message is None:
-                    return
-                if isinstance(message, dict) and message.get("event") == "cancel":
-                    continue                      # nothing in progress to cancel
-                with self.server.in_flight.hold():
-                    await self._utterance(message)
+            async for message in json_messages(self.ws, self.server.settings.ws_max_message_bytes, self._error):
+                await self._dispatch(message)
         except WebSocketDisconnect:
-            return
+            pass                                          # a send to a client that went away
         finally:
-            reader.cancel()
+            speaker.cancel()
+            with contextlib.suppress(BaseException):
+                await speaker
+            while not self._waiting.empty():
+                item = self._waiting.get_nowait()
+                if isinstance(item, SpeechStream):
+                    item.output.close()
+            self.server.metrics.websocket_session(False)
 
-    async def _read(self) -> None:
+    async def _send(self, message: Union[bytes, dict]) -> None:
+        async with self._send_lock:
+            if isinstance(message, bytes):
+                await self.ws.send_bytes(message)
+            else:
+                await self.ws.send_json(message)
+
+    async def _error(self, detail: str) -> None:
+        await self._send({"event": "error", "detail": detail})
+
+    async def _dispatch(self, message: dict) -> None:
+        event = message.get("event")
+        if event is None:
+            await self._enqueue(message)
+            return None
+        if event not in self.EVENTS:
+            return await self._error(f"unknown event {str(event)[:40]!r}; events: {', '.join(self.EVENTS)} (or no "
+                                     "event: a message with 'input' is one utterance)")
+        if event == "cancel":
+            if self._speaking is not None:
+                self._speaking.cancel()
+            return None
+        if event == "start":
+            return await self._start(message)
+        if self._stream is None:
+            return await self._error(f"'{event}' needs an open stream: send {{\"event\": \"start\"}} first")
+        if not await self._add_text(message, required=event == "text"):
+            return None
+        if event == "flush":
+            self._stream.flush()
+        elif event == "end":
+            self._stream.end()
+            self._stream = None
+        return None
+
+    async def _add_text(self, message: dict, required: bool) -> bool:
+        """A stream message's `text` (start, flush and end may carry one too) into the open stream; False when it
+        was refused (with an error event)."""
+        assert self._stream is not None
+        text = message.get("text")
+        if text is None and not required:
+            return True
+        if not isinstance(text, str):
+            await self._error("'text' must be a string")
+            return False
         try:
-            while True:
-                text = await self.ws.receive_text()
-                try:
-                    await self._inbox.put(json.loads(text))
-                except json.JSONDecodeError:
-                    await self._inbox.put({"__invalid__": "message is not valid JSON"})
-        except (WebSocketDisconnect, RuntimeError):
-            await self._inbox.put(None)
+            self._stream.add(text)
+        except ValueError as exc:
+            await self._error(str(exc))
+            return False
+        return True
 
-    async def _send_error(self, detail: str) -> None:
-        await self.ws.send_json({"event": "error", "detail": detail})
-
-    async def _utterance(self, message: Any) -> None:
-        if not isinstance(message, dict) or "__invalid__" in message:
-            return await self._send_error(message.get("__invalid__") if isinstance(message, dict)
-                                          else "message must be a JSON object")
-        if not str(message.get("input") or "").strip():
-            return await self._send_error("input is required")
+    async def _start(self, message: dict) -> None:
+        if self._stream is not None:
+            return await self._error("a stream is open already: send {\"event\": \"end\"} (or cancel) first")
+        fields = {k: v for k, v in message.items() if k not in ("event", "input", "text")}
         try:
-            req = SpeechRequest.model_validate(message)
-            plan = await self.server.plan(req, response_format="pcm")
-            synthesis = Synthesis(self.server, plan, streaming=True)
+            stream = await SpeechStream.open(self.server, fields, "pcm", "ws_stream")
         except ValidationError as exc:
-            return await self._send_error(validation_error_to_api_error(exc).message)
+            return await self._error(validation_error_to_api_error(exc).message)
         except ServiceError as exc:
-            return await self._send_error(str(exc))
-        output = AudioOutput("pcm", plan.speed, plan.sample_rate, streaming=True)
-        started = time.monotonic()
-        status = 499
+            return await self._error(self.server.errors.public(exc).message)
+        if await self._enqueue(stream):
+            self._stream = stream
+            await self._add_text(message, required=False)
+        else:
+            stream.output.close()
+        return None
+
+    async def _enqueue(self, item: Union[dict, SpeechStream]) -> bool:
         try:
-            cancelled = await self._pump(synthesis, output)
-            status = 200 if not cancelled else 499
-            await self.ws.send_json({"event": "cancelled"} if cancelled else {"event": "done"})
+            self._waiting.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            limit = self.server.settings.ws_max_queued_messages
+            await self._error(f"too many messages are waiting: {limit} utterances or streams wait already "
+                              f"(WS_MAX_QUEUED_MESSAGES={limit}); this one was dropped: send it after the next done")
+            return False
+
+    async def _speak_in_turn(self) -> None:
+        """Speak what waits, one at a time; a cancelled one is answered {"event": "cancelled"}."""
+        while True:
+            item = await self._waiting.get()
+            task = self._speaking = asyncio.create_task(self._speak(item))
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:                    # the session is ending: stop and release it first
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise
+            self._speaking = None
+            if item is self._stream:
+                self._stream = None                           # cancelled or failed: it takes no more text
+            if task.cancelled():
+                await self._send({"event": "cancelled"})
+            elif task.exception() is not None:                # the client went away while it was spoken to
+                return
+
+    async def _speak(self, item: Union[dict, SpeechStream]) -> None:
+        with self.server.in_flight.hold():                    # a drain waits for what is being spoken
+            await self._speak_held(item)
+
+    async def _speak_held(self, item: Union[dict, SpeechStream]) -> None:
+        try:
+            if isinstance(item, SpeechStream):
+                await item.run(self._send)
+                done = {"event": "done"}
+                if item.instructions_ignored:
+                    done["instructions_ignored"] = item.instructions_ignored
+                await self._send(done)
+            else:
+                await self._utterance(item)
+        except ValidationError as exc:
+            await self._error(validation_error_to_api_error(exc).message)
+        except ServiceError as exc:
+            await self._error(self.server.errors.public(exc).message)
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the session silently
+            logger.opt(exception=exc).error("WebSocket session: unexpected error")
+            await self._error(f"internal error: {type(exc).__name__}")
+
+    async def _utterance(self, message: dict) -> None:
+        if not str(message.get("input") or "").strip():
+            return await self._error("input is required")
+        req = SpeechRequest.model_validate(message)
+        plan = await self.server.plan(req, response_format="pcm")
+        synthesis = Synthesis(self.server, plan, streaming=True)
+        output = AudioOutput("pcm", plan.speed, plan.sample_rate, streaming=True)
+        started, status = time.monotonic(), 499
+        try:
+            async for pcm in synthesis.chunks():
+                if data := await run_in_pool(output.feed, pcm):
+                    await self._send(data)
+            if tail := await run_in_pool(output.finish):
+                await self._send(tail)
+            status = 200
         except ServiceError as exc:
             status = api_error(exc).status
-            await self._send_error(str(exc))
+            raise
         finally:
             output.close()
             synthesis.close()
             self.server.log_request("ws", plan, status, synthesis, output.seconds, started)
+        done = {"event": "done"}
+        if plan.instructions_ignored:
+            done["instructions_ignored"] = plan.instructions_ignored
+        await self._send(done)
+        return None
 
-    async def _pump(self, synthesis: Synthesis, output: AudioOutput) -> bool:
-        """Send the utterance's PCM; True when a cancel message stopped it."""
-        chunks = synthesis.chunks()
+
+ELEVENLABS_FORMATS = {"pcm": "pcm", "mp3": "mp3", "opus": "opus"}   # output_format "<codec>_<rate>[_<kbps>]" -> ours
+
+
+def elevenlabs_format(output_format: str) -> tuple[str, int]:
+    """ElevenLabs' output_format -> (one of FORMATS, sample rate): 'pcm_24000' -> ('pcm', 24000), 'mp3_44100_128' ->
+    ('mp3', 44100) (the bit rate is ours). Others (ulaw_8000, alaw_8000) are a 400."""
+    codec, _, rest = output_format.partition("_")
+    rate = rest.partition("_")[0]
+    if codec not in ELEVENLABS_FORMATS or not rate.isdigit() or not 8000 <= int(rate) <= 48000:
+        raise ApiError(400, f"output_format {output_format[:40]!r} is not supported; use pcm_<rate> (8000 to "
+                            "48000), mp3_<rate>_<kbps> or opus_48000_<kbps>", param="output_format",
+                       code="invalid_value")
+    return ELEVENLABS_FORMATS[codec], int(rate)
+
+
+def even_alignment(text: str, seconds: float) -> dict:
+    """ElevenLabs' alignment of `text` spoken in `seconds`, each character an equal share of the time: Qwen3-TTS gives
+    no timings, and the frameworks need the characters (Pipecat builds the spoken transcript from them)."""
+    total, count = round(seconds * 1000), max(1, len(text))
+    starts = [total * i // count for i in range(len(text))]
+    return {"chars": list(text), "charStartTimesMs": starts,
+            "charDurationsMs": [end - start for start, end in zip(starts, [*starts[1:], total], strict=True)]}
+
+
+class ElevenLabsSession:
+    """ElevenLabs' text-to-speech WebSockets, the part that Pipecat's and LiveKit Agents' ElevenLabs plugins use, so
+    that they work by changing their base URL: /v1/text-to-speech/{voice_id}/multi-stream-input (contexts, by
+    context_id) and /stream-input (one context; the socket closes after it). The query gives output_format (default
+    mp3_44100_128), language_code and auto_mode; voice_id is one of this server's voices.
+    In: {"text", "context_id", "voice_settings": {"speed"}, "flush"} (a context opens with its first text, " " by
+    convention; "" keeps it alive, in stream-input it ends the text), {"context_id", "flush": true},
+    {"context_id", "close_context": true} (no more text: what was sent is spoken, then isFinal), {"close_socket": true}.
+    auto_mode=true makes every text message speakable as it is (the client sends whole sentences); otherwise
+    sentences are found as on /v1/audio/speech/ws.
+    Out: {"audio": base64, "isFinal": false, "contextId"}; after each segment {"audio": null, "alignment",
+    "normalizedAlignment"} (even_alignment); {"isFinal": true, "contextId"} when a context is spoken; and
+    {"error", "message", "contextId"} for what it cannot do (a bad connection is then closed with 1008)."""
+
+    MAX_CONTEXTS = 5              # as ElevenLabs: five contexts open on one connection at most
+    DEFAULT_CONTEXT = "default"   # stream-input's one context, and multi-stream-input messages without a context_id
+
+    def __init__(self, server: Server, ws: WebSocket, voice_id: str, multi: bool):
+        self.server, self.ws, self.voice_id, self.multi = server, ws, voice_id, multi
+        self._contexts: dict[str, tuple[SpeechStream, asyncio.Task]] = {}
+        self._fields: dict[str, Any] = {}
+        self._format = "mp3"
+        self._auto_mode = False
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    async def run(self) -> None:
+        self.server.metrics.websocket_session(True)
         try:
-            while True:
-                next_chunk = asyncio.ensure_future(anext(chunks, None))
-                next_message = asyncio.ensure_future(self._inbox.get())
-                done, _ = await asyncio.wait({next_chunk, next_message}, return_when=asyncio.FIRST_COMPLETED)
-                if next_message in done:
-                    message = next_message.result()
-                    if message is None or (isinstance(message, dict) and message.get("event") == "cancel"):
-                        next_chunk.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await next_chunk          # the generator must stop before it can be closed
-                        if message is None:
-                            raise WebSocketDisconnect()
-                        return True
-                    await self._requeue(message)           # a new utterance waits for this one
-                else:
-                    next_message.cancel()
-                pcm = await next_chunk
-                if pcm is None:
-                    tail = await run_in_pool(output.finish)
-                    if tail:
-                        await self.ws.send_bytes(tail)
-                    return False
-                data = await run_in_pool(output.feed, pcm)
-                if data:
-                    await self.ws.send_bytes(data)
+            try:
+                await self._configure()
+            except (ValidationError, ServiceError) as exc:
+                return await self._refuse_connection(exc)
+            async for message in json_messages(self.ws, self.server.settings.ws_max_message_bytes, self._error):
+                if message.get("close_socket") is True:
+                    break
+                await self._dispatch(message)
+        except WebSocketDisconnect:
+            pass
         finally:
-            await chunks.aclose()
+            for _, task in list(self._contexts.values()):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await self._close(1000)
+            self.server.metrics.websocket_session(False)
+        return None
 
-    async def _requeue(self, message: Any) -> None:
-        rest = [message]
-        while not self._inbox.empty():
-            rest.append(self._inbox.get_nowait())
-        for item in rest:
-            self._inbox.put_nowait(item)
+    async def _configure(self) -> None:
+        """The connection's settings from its query; the voice and the rest are checked once here."""
+        query = self.ws.query_params
+        self._format, rate = elevenlabs_format(query.get("output_format") or "mp3_44100_128")
+        self._auto_mode = (query.get("auto_mode") or "").lower() == "true"
+        if (query.get("enable_ssml_parsing") or "").lower() == "true":
+            raise ApiError(400, "enable_ssml_parsing=true is not supported: SSML tags would be read out as text",
+                           param="enable_ssml_parsing", code="invalid_value")
+        self._fields = {"voice": self.voice_id, "sample_rate": rate, "language": query.get("language_code") or None}
+        probe = await SpeechStream.open(self.server, self._fields, self._format, "elevenlabs")
+        probe.output.close()
+
+    async def _dispatch(self, message: dict) -> None:
+        context_id = message.get("context_id", self.DEFAULT_CONTEXT) if self.multi else self.DEFAULT_CONTEXT
+        if not isinstance(context_id, str) or not 0 < len(context_id) <= 200:
+            return await self._error("'context_id' must be a string of 1 to 200 characters")
+        text, flush = message.get("text"), message.get("flush") is True
+        if text is not None and not isinstance(text, str):
+            return await self._error("'text' must be a string", context_id)
+        context = self._contexts.get(context_id)
+        stream = context[0] if context else None
+        if message.get("close_context") is True:
+            if stream is not None and not stream.text.ended:
+                stream.end()
+            return None                                  # closing a context that is gone already is no error
+        if text is None and not flush:
+            return await self._error("a message needs 'text', 'flush', 'close_context' or 'close_socket'", context_id)
+        if text == "" and not flush:                     # a keep-alive; stream-input's end of the text
+            if stream is not None and not self.multi:
+                stream.end()
+            return None
+        if stream is None:
+            if text is None:
+                return None                              # a flush of a context that has no text: nothing to speak
+            stream = await self._open(context_id, message.get("voice_settings"))
+            if stream is None:
+                return None
+        if stream.text.ended:
+            return await self._error(f"context {context_id[:40]!r} is closed: it takes no more text", context_id)
+        try:
+            if text:
+                stream.add(text)
+        except ValueError as exc:
+            return await self._error(str(exc), context_id)
+        if flush or self._auto_mode:
+            stream.flush()
+        return None
+
+    async def _open(self, context_id: str, voice_settings: Any) -> Optional[SpeechStream]:
+        if len(self._contexts) >= self.MAX_CONTEXTS:
+            await self._error(f"{self.MAX_CONTEXTS} contexts are open on this connection: close one before opening "
+                              "another", context_id, code="max_active_conversations")
+            return None
+        fields = dict(self._fields)
+        if isinstance(voice_settings, dict) and voice_settings.get("speed") is not None:
+            fields["speed"] = voice_settings["speed"]
+        try:
+            stream = await SpeechStream.open(self.server, fields, self._format, "elevenlabs")
+        except ValidationError as exc:
+            await self._error(validation_error_to_api_error(exc).message, context_id)
+            return None
+        except ServiceError as exc:
+            await self._error(self.server.errors.public(exc).message, context_id, code=api_error(exc).code or "error")
+            return None
+        self._contexts[context_id] = (stream, asyncio.create_task(self._speak(context_id, stream)))
+        return stream
+
+    async def _speak(self, context_id: str, stream: SpeechStream) -> None:
+        async def audio(data: bytes) -> None:
+            await self._send({"audio": base64.b64encode(data).decode(), "isFinal": False}, context_id)
+
+        async def alignment(plan: SpeechPlan, seconds: float) -> None:
+            await self._send({"audio": None, "isFinal": False, "alignment": even_alignment(plan.text + " ", seconds),
+                              "normalizedAlignment": even_alignment(" ".join(plan.segments) + " ", seconds)},
+                             context_id)
+
+        try:
+            with self.server.in_flight.hold():                # a drain waits for what is being spoken
+                await stream.run(audio, alignment)
+        except ValidationError as exc:
+            await self._error(validation_error_to_api_error(exc).message, context_id)
+        except ServiceError as exc:
+            await self._error(self.server.errors.public(exc).message, context_id, code=api_error(exc).code or "error")
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the session silently
+            logger.opt(exception=exc).error("ElevenLabs session: unexpected error")
+            await self._error(f"internal error: {type(exc).__name__}", context_id)
+        finally:
+            self._contexts.pop(context_id, None)
+            stream.output.close()
+        await self._send({"isFinal": True}, context_id)
+        if not self.multi:
+            await self._close(1000)
+
+    async def _send(self, payload: dict, context_id: Optional[str] = None) -> None:
+        if self.multi and context_id is not None:
+            payload["contextId"] = context_id
+        async with self._send_lock:
+            if not self._closed:
+                await self.ws.send_json(payload)
+
+    async def _error(self, detail: str, context_id: Optional[str] = None, code: str = "invalid_message") -> None:
+        await self._send({"error": code, "message": detail}, context_id)
+
+    async def _refuse_connection(self, exc: Union[ValidationError, ServiceError]) -> None:
+        error = validation_error_to_api_error(exc) if isinstance(exc, ValidationError) else api_error(exc)
+        await self._error(error.message, code=error.code or "invalid_request")
+        await self._close(1008, error.message)
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        async with self._send_lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await self.ws.close(code, reason.encode()[:120].decode(errors="ignore"))
+
+
+def add_websocket_routes(app: FastAPI, server: Server) -> None:
+    @app.websocket("/v1/audio/speech/ws")
+    async def speech_ws(ws: WebSocket) -> None:
+        await ws.accept()
+        await WebSocketSession(server, ws).run()
+
+    @app.websocket("/v1/text-to-speech/{voice_id}/stream-input")
+    async def elevenlabs_stream_input(ws: WebSocket, voice_id: str) -> None:
+        await ws.accept()
+        await ElevenLabsSession(server, ws, voice_id, multi=False).run()
+
+    @app.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")
+    async def elevenlabs_multi_stream_input(ws: WebSocket, voice_id: str) -> None:
+        await ws.accept()
+        await ElevenLabsSession(server, ws, voice_id, multi=True).run()
 
 
 # ---- observability: Prometheus metrics and logs
@@ -6269,6 +6859,10 @@ class Metrics:
         self._queue = Gauge("tts_queue_depth", "Requests queued or running", registry=r)
         self._rows = Gauge("tts_batch_rows", "Rows generating together now (0 when the model is idle)", registry=r)
         self._loaded = Gauge("tts_model_loaded", "1 when the model is in memory", ["model"], registry=r)
+        self._instructions_ignored = Counter("tts_instructions_ignored_total", "Requests whose instructions the "
+                                             "model cannot follow, accepted and not followed, by model kind",
+                                             ["kind"], registry=r)
+        self._websocket_sessions = Gauge("tts_websocket_sessions", "WebSocket sessions open now", registry=r)
         self._model_id = model_id
         self._loaded.labels(model_id).set(0)
 
@@ -6302,6 +6896,15 @@ class Metrics:
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self._queue.set_function(depth)
+
+    def instructions_ignored(self, kind: str) -> None:
+        self._instructions_ignored.labels(kind).inc()
+
+    def websocket_session(self, opened: bool) -> None:
+        if opened:
+            self._websocket_sessions.inc()
+        else:
+            self._websocket_sessions.dec()
 
     def model_loaded(self, loaded: bool) -> None:
         self._loaded.labels(self._model_id).set(1 if loaded else 0)
@@ -6454,6 +7057,7 @@ def serve_tls(app: FastAPI, settings: Settings) -> None:
                    else f"{settings.host}:{settings.port}"]
     config.certfile, config.keyfile = settings.ssl_certfile, settings.ssl_keyfile
     config.alpn_protocols = ["h2", "http/1.1"]
+    config.websocket_max_message_size = WS_FRAME_MAX_BYTES
     config.accesslog = None
     config.graceful_timeout = DRAIN_FLUSH_SECONDS      # the drain has run by then: only final bytes are left
     # Slow clients: Hypercorn closes a connection whose request headers have not arrived within keep_alive_timeout
@@ -6488,7 +7092,8 @@ def serve_http(app: FastAPI, settings: Settings) -> None:
                                                                                    "port": settings.port}
     DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
                                   timeout_graceful_shutdown=int(DRAIN_FLUSH_SECONDS),
-                                  http=guarded_http_protocol(settings.read_timeout), **where)).run()
+                                  http=guarded_http_protocol(settings.read_timeout), ws_max_size=WS_FRAME_MAX_BYTES,
+                                  **where)).run()
 
 
 def main() -> None:

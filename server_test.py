@@ -2676,3 +2676,126 @@ def test_the_prompt_cache_is_lru_and_counts_hits():
     assert cache.get("b") is None and cache.get("c") is c and cache.hits == 2 and len(cache) == 2
     cache.drop("c")
     assert cache.clear() == 1
+
+
+# ---- WebSocket sessions: incremental text, message checks; the policy for instructions a model cannot follow
+def test_a_sentence_is_speakable_once_its_end_is_certain():
+    text = server.IncrementalText("en", 300, 4096)
+    text.add("Hello there.")
+    assert text.take(False) is None                       # "there." may still become "there.com"
+    text.add(" ")
+    assert text.take(False) == "Hello there."
+    text.add("It costs 3.")
+    assert text.take(False) is None                       # "3." may become "3.5"
+    text.add("5 dollars. And")
+    assert text.take(False) == "It costs 3.5 dollars." and text.take(False) is None
+    text.add(" then I met Dr. ")
+    assert text.take(False) is None                       # a title: the sentence goes on
+    text.add("Smith! Who")
+    assert text.take(False) == "And then I met Dr. Smith!"
+    text.add(" knows, e.g. ")
+    assert text.take(False) is None                       # an initialism
+    text.add("nobody.\n- one item\n- another")
+    assert text.take(False) == "Who knows, e.g. nobody. - one item" and text.pending == len("- another")
+    text = server.IncrementalText("en", 300, 4096)
+    text.add("A line\nthen Dr.")                          # a line break ends a sentence, whatever follows it
+    assert text.take(False) == "A line" and text.take(False) is None
+
+
+def test_sentences_waiting_together_are_merged_up_to_the_segment_limit():
+    text = server.IncrementalText("en", 40, 4096)
+    text.add("One. Two. Three is a longer sentence here. Four. ")
+    assert [text.take(False), text.take(False)] == ["One. Two.", "Three is a longer sentence here. Four."]
+    text.add("a sentence without an end that grows and grows past the limit")
+    piece = text.take(False)
+    assert piece == "a sentence without an end that grows" and len(piece) <= 40
+
+
+def test_a_silent_stream_may_speak_a_long_enough_clause_first():
+    text = server.IncrementalText("en", 300, 4096)
+    text.add("Well, I")
+    assert text.take(True) is None                        # "Well," is too short to speak alone
+    text.add(" think the weather for today, as far as")
+    assert text.take(False) is None                       # something is playing: wait for the sentence
+    assert text.take(True) == "Well, I think the weather for today,"
+    text.add(" I know, is sunny. ")
+    assert text.take(True) == "as far as I know, is sunny."
+
+
+def test_flush_and_end_make_everything_speakable_and_flush_is_a_boundary():
+    text = server.IncrementalText("en", 300, 4096)
+    text.add("The first part")
+    text.flush()
+    text.add(" and the second. ")
+    assert [text.take(False), text.take(False)] == ["The first part", "and the second."]
+    text.add("Last words")
+    assert not text.finished
+    text.end()
+    assert text.take(False) == "Last words" and text.finished and text.take(False) is None
+    with pytest.raises(ValueError, match="ended"):
+        text.add("more")
+
+
+def test_cjk_sentences_end_at_once_and_pending_text_is_bounded():
+    text = server.IncrementalText("zh", 300, 20)
+    text.add("你好。今天")
+    assert text.take(False) == "你好。"
+    with pytest.raises(ValueError, match="MAX_INPUT_CHARS"):
+        text.add("天气很好" * 5)
+    assert text.pending == 2                              # the refused piece left nothing behind
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_text_loses_and_repeats_no_word_however_the_pieces_fall(seed):
+    """An LLM's tokens in random splits, taken as they become speakable (sometimes with a flush): every character of
+    the text but whitespace comes out once, in order, in segments no longer than the limit."""
+    rng = np.random.default_rng(seed)
+    source = ("Sure, here is the plan for today. First, we meet Dr. Brown at 9.30 am! Then lunch: pasta, salad, "
+              "and coffee. It costs 12.50 euros, e.g. not much.\nAfter that? We rest. 你好。再见！Good night")
+    cuts = sorted(rng.choice(np.arange(1, len(source)), size=40, replace=False))
+    pieces = [source[a:b] for a, b in zip([0, *cuts], [*cuts, len(source)], strict=True)]
+    text, spoken = server.IncrementalText("en", 60, 4096), []
+    for piece in pieces:
+        text.add(piece)
+        if rng.random() < 0.1:
+            text.flush()
+        while (segment := text.take(bool(rng.random() < 0.5))) is not None:
+            spoken.append(segment)
+    text.end()
+    while (segment := text.take(False)) is not None:
+        spoken.append(segment)
+    assert "".join("".join(spoken).split()) == "".join(source.split())      # every character once, in order
+    assert all(len(segment) <= 60 for segment in spoken)
+
+
+def test_lone_surrogates_are_found_wherever_they_are():
+    assert server.lone_surrogate({"input": "fine \U0001F600", "voice": {"id": "x"}}) is None
+    assert server.lone_surrogate({"input": "bad \ud800"}) == "'input'"
+    assert server.lone_surrogate({"voice": {"id": "\udfff"}}) == "'id'"
+    assert server.lone_surrogate({"list": ["ok", ["\ud83d"]]}) == "'list'"
+    assert server.lone_surrogate({"\ud800": 1}) == "a key"
+
+
+def test_instructions_a_model_cannot_follow_are_ignored_visibly_or_refused():
+    def info(kind, size):
+        return ModelInfo("m", kind, size, frozenset(), frozenset())
+
+    metrics = Metrics("m")
+    ignore = server.InstructionPolicy("ignore", metrics)
+    assert ignore.apply(info("custom_voice", "1b7"), "Whisper.") == ("Whisper.", None)      # followed
+    assert ignore.apply(info("custom_voice", "0b6"), None) == (None, None)
+    followed, reason = ignore.apply(info("custom_voice", "0b6"), "Whisper.")
+    assert followed is None and "0.6B" in reason
+    followed, reason = ignore.apply(info("base", "0b6"), "Whisper.")
+    assert followed is None and "Base model" in reason
+    rendered = metrics.render().decode()
+    assert 'tts_instructions_ignored_total{kind="custom_voice"} 1.0' in rendered
+    assert 'tts_instructions_ignored_total{kind="base"} 1.0' in rendered
+    with pytest.raises(server.InvalidRequest) as refused:
+        server.InstructionPolicy("reject", metrics).apply(info("custom_voice", "0b6"), "Whisper.")
+    err = server.api_error(refused.value)                   # the domain error as HTTP answers it
+    assert err.status == 400 and err.code == "instructions_not_supported"
+    assert err.param == "instructions" and "UNSUPPORTED_INSTRUCTIONS" in err.message
+    header = server.instruction_headers(make_plan(instructions_ignored=reason))
+    assert header == {"X-Instructions-Ignored": reason} and reason.isascii()
+    assert server.instruction_headers(make_plan()) == {}

@@ -104,6 +104,17 @@ def test_api_key():
             client.models.list()
         with sdk(proc.url, "s3cret") as client:
             assert len(client.audio.speech.create(model="tts-1", voice="alloy", input="hi").content) > 0
+        # ElevenLabs' clients (Pipecat, LiveKit Agents) send their key as xi-api-key
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
+        from websockets.sync.client import connect
+        elevenlabs = proc.url.replace("http", "ws", 1) + "/v1/text-to-speech/alloy/multi-stream-input"
+        with pytest.raises(InvalidStatus), connect(elevenlabs, additional_headers={"xi-api-key": "wrong"}):
+            pass
+        with connect(elevenlabs, additional_headers={"xi-api-key": "s3cret"}) as ws:
+            ws.send('{"close_socket": true}')
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=120)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 
 
 def test_a_model_that_cannot_load_leaves_the_server_up_and_is_retried(tmp_path):

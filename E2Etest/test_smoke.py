@@ -68,8 +68,6 @@ def test_voices_listing_in_the_open_webui_shape(http):
     ({"model": "tts-1", "input": "hi", "voice": "alloy", "temperature": -1}, "temperature", "invalid_value"),
     ({"model": "tts-1", "input": "hi", "voice": "alloy", "top_p": 0}, "top_p", "invalid_value"),
     ({"model": "tts-1", "input": "hi", "voice": "alloy", "sample_rate": 1000}, "sample_rate", "invalid_value"),
-    ({"model": "tts-1", "input": "hi", "voice": "alloy", "instructions": "Speak happily."}, "instructions",
-     "instructions_not_supported"),
     ({"model": "tts-1", "input": "x" * 4097, "voice": "alloy"}, "input", "string_above_max_length"),
 ])
 def test_bad_requests_get_400_in_the_openai_envelope(http, body, param, code):

@@ -227,9 +227,12 @@ def test_bad_input_gets_the_right_status(voices_server, sdk, consent):
         sdk.audio.voice_consents.delete(consent.id)
     with pytest.raises(openai.NotFoundError):
         speak(sdk, {"id": "voice_missing"})
-    with pytest.raises(openai.BadRequestError) as err:
-        speak(sdk, "Taken", instructions="Whisper.")
-    assert err.value.body["param"] == "instructions"
+    # A Base model takes no instructions: accepted, not followed (the same audio as without them), and said so.
+    styled = sdk.audio.speech.with_raw_response.create(model="tts-1", voice="Taken", input="Hello.",
+                                                       response_format="pcm", instructions="Whisper.",
+                                                       extra_body={"seed": 3})
+    assert "Base model" in styled.headers["x-instructions-ignored"]
+    assert np.array_equal(decode(styled.content, "pcm")[0], speak(sdk, "Taken", "Hello."))
     r = httpx.post(voices_server.url + "/v1/audio/voice_consents", data={"name": "x", "language": "not a tag"},
                    files={"recording": ("r.wav", wav(3), "audio/wav")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "language"

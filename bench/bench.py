@@ -11,6 +11,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py engine   [--model DIR]   # the decode step in process: library-driven vs static
     .venv/bin/python bench/bench.py firstbyte [--model DIR]  # no stream_format: OpenAI's request (streamed) vs seed's
     .venv/bin/python bench/bench.py upload --baseline OLD/server.py  # a 60-minute FLAC upload: server memory and time
+    .venv/bin/python bench/bench.py incremental [--rate 30]  # text at an LLM's pace: stream vs per sentence vs whole
 
 --model defaults to the tiny checkpoint; build/checkpoints/random-0.6B-CustomVoice (tools/build_tiny_checkpoints.py
 --full-size) has the real 0.6B cost. --url measures a server that is already running instead (core and stream).
@@ -540,10 +541,111 @@ def scenario_upload(args: argparse.Namespace) -> None:
           ["server", "status", "code", "answer_s", "peak_MiB_above_idle", "kept_MiB_after"], rows)
 
 
+REPLY = ("Sure! The weather in Paris today is mild, with a light breeze from the west. Expect some clouds in the "
+         "evening. Tomorrow looks sunnier, so it may be the better day for the gardens.")
+
+
+def llm_tokens(text: str) -> list[str]:
+    """Text cut the way an LLM writes it: words with their leading space, punctuation apart."""
+    import re
+
+    return re.findall(r"\s*\w+|\s*[^\w\s]+", text)
+
+
+def playback(arrivals: list[tuple[float, float]]) -> dict:
+    """Audio arriving as (time, seconds of audio) played from its first arrival: how long playback waited for audio
+    (stalls after the first audio), as a listener would hear it."""
+    start, played_until, stalls = arrivals[0][0], arrivals[0][0], []
+    for at, seconds in arrivals:
+        if at > played_until + 1e-3 and at > start:
+            stalls.append(at - played_until)
+        played_until = max(played_until, at) + seconds
+    return {"stalls": len(stalls), "stall_s": sum(stalls), "max_stall": max(stalls, default=0.0)}
+
+
+async def incremental_run(url: str, mode: str, tokens: list[str], rate: float, seed: int) -> dict:
+    """One reply, written at `rate` tokens/s, spoken by one of: stream (the incremental form), per-sentence (one
+    utterance per sentence as it completes, queued on the socket), whole (one utterance once all text is there)."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    sentence_end = next(i for i, t in enumerate(tokens) if t.strip() in (".", "!", "?"))
+    arrivals: list[tuple[float, float]] = []
+    async with connect(url.replace("http", "ws", 1) + "/v1/audio/speech/ws", max_size=None) as ws:
+        started = time.monotonic()
+        sent: dict[int, float] = {}
+
+        async def write() -> None:
+            if mode == "stream":
+                await ws.send(json.dumps({"event": "start", "voice": "alloy", "seed": seed}))
+            sentence = ""
+            for i, token in enumerate(tokens):
+                await asyncio.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+                sent[i] = time.monotonic()
+                if mode == "stream":
+                    await ws.send(json.dumps({"event": "text", "text": token}))
+                sentence += token
+                if mode == "per-sentence" and token.strip() in (".", "!", "?"):
+                    await ws.send(json.dumps({"input": sentence.strip(), "voice": "alloy", "seed": seed}))
+                    sentence = ""
+            if mode == "stream":
+                await ws.send(json.dumps({"event": "end"}))
+            elif mode == "whole":
+                await ws.send(json.dumps({"input": "".join(tokens).strip(), "voice": "alloy", "seed": seed}))
+            elif sentence.strip():
+                await ws.send(json.dumps({"input": sentence.strip(), "voice": "alloy", "seed": seed}))
+
+        writer = asyncio.create_task(write())
+        expected_done = 1 if mode != "per-sentence" else sum(t.strip() in (".", "!", "?") for t in tokens)
+        done = 0
+        while done < expected_done:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                arrivals.append((time.monotonic(), len(message) / BYTES_PER_SECOND))
+            elif json.loads(message).get("event") == "done":
+                done += 1
+            else:
+                raise RuntimeError(message)
+        await writer
+        total = time.monotonic() - started
+    return {"after_sentence": arrivals[0][0] - sent[sentence_end], "first": arrivals[0][0] - started,
+            "text_done": sent[len(tokens) - 1] - started, "total": total,
+            "audio_s": sum(a for _, a in arrivals), **playback(arrivals)}
+
+
+def scenario_incremental(args: argparse.Namespace) -> None:
+    """A reply written at an LLM's pace (--rate tokens/s) over the WebSocket: the incremental-text stream against
+    one utterance per sentence and the whole text sent at once (the baseline), on one server."""
+    tokens = llm_tokens(REPLY)
+    env = {"MODEL_ID": args.model, "PRELOAD_MODEL": "true", "AUDIO_CACHE_MAX": "0", **args.env}
+    modes = ("stream", "per-sentence", "whole")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    with running_server(env, wait_for="ready") as (url, _, _):
+        asyncio.run(incremental_run(url, "whole", llm_tokens(SHORT), 1000, 0))          # warm
+        for i in range(args.repeat):                    # the modes take turns: a drifting load hits them alike
+            for mode in modes:
+                runs[mode].append(asyncio.run(incremental_run(url, mode, tokens, args.rate, i)))
+    rows = []
+    for mode in modes:
+        def med(key: str, mode: str = mode) -> float:
+            return statistics.median(r[key] for r in runs[mode])
+
+        rows.append([mode, fmt(med("after_sentence")), fmt(med("first")), fmt(med("text_done")), fmt(med("total")),
+                     f"{med('audio_s'):.2f}", f"{med('audio_s') / (med('total') - med('first')):.2f}",
+                     f"{med('stalls'):g}", fmt(med("stall_s")), fmt(med("max_stall"))])
+    table(f"incremental: {args.model}, a {len(REPLY)}-character reply as {len(tokens)} tokens at {args.rate:g} "
+          f"tokens/s, median of {args.repeat} runs (seconds; stalls: playback waiting for audio after the first)",
+          ["mode", "sentence1_end->audio", "first_audio", "text_written", "total", "audio_s", "rtf", "stalls",
+           "stall_s", "max_stall"], rows)
+    print("  rtf: audio seconds per wall second after the first audio; below 1 the model cannot keep up and playback "
+          "stalls whatever the protocol")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices", "engine",
-                                             "firstbyte", "upload"])
+                                             "firstbyte", "upload", "incremental"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -551,6 +653,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--base", help="voices: the Base model (default: --model with CustomVoice -> Base)")
     parser.add_argument("--baseline", help="upload: a server.py to compare with (e.g. main's)")
+    parser.add_argument("--rate", type=float, default=30.0, help="incremental: tokens per second the LLM writes")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server, repeatable")
     parser.add_argument("--steps", type=int, default=12, help="engine: steps measured per figure")
     parser.add_argument("--full-steps", type=int, default=3, help="engine: steps on the full-size model (0: skip)")
@@ -560,7 +663,8 @@ def main() -> None:
     args.env = dict(kv.split("=", 1) for kv in args.env)
     {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "arrivals": scenario_arrivals,
      "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine,
-     "firstbyte": scenario_firstbyte, "upload": scenario_upload}[args.scenario](args)
+     "firstbyte": scenario_firstbyte, "upload": scenario_upload,
+     "incremental": scenario_incremental}[args.scenario](args)
 
 
 if __name__ == "__main__":
