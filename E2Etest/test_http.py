@@ -11,7 +11,6 @@ import socket
 import struct
 import sys
 import threading
-import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -20,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import CHECKPOINTS, ROOT, checkpoint, decode, start_server
+from conftest import CHECKPOINTS, ROOT, checkpoint, decode, start_server, wait_for
 
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm", "ogg"]
 UNKNOWN_SIZE = 0xFFFFFFFF
@@ -135,13 +134,11 @@ def test_a_synthesis_log_line_carries_the_request_id(server, http):
     r = http.post("/v1/audio/speech", json={"model": "tts-1", "input": "Find me in the log.", "voice": "alloy",
                                             "response_format": "pcm"}, headers={"X-Request-ID": request_id})
     assert r.status_code == 200 and r.headers["x-request-id"] == request_id
-    deadline = time.monotonic() + 30               # the line is written as the stream ends
-    while time.monotonic() < deadline:
+    def logged() -> list[str]:                     # the line is written as the stream ends
         lines = [line for line in server.log_path.read_text(errors="replace").splitlines() if request_id in line]
-        if any("speech_stream 200" in line for line in lines):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"no 'speech_stream 200' log line with {request_id}: {lines}")
+        return [line for line in lines if "speech_stream 200" in line]
+
+    wait_for(logged, f"a 'speech_stream 200' log line with {request_id}")
 
 
 @pytest.mark.parametrize("path, body", [
@@ -392,11 +389,14 @@ def test_the_key_opens_everything_but_health_and_ready_which_are_open(guarded, a
     sys.path.insert(0, str(ROOT))
     import server as server_module
 
-    assert server_module.ApiKeyMiddleware.OPEN_PATHS == ("/health", "/ready")
+    assert server_module.ApiKeyMiddleware.OPEN_PATHS == ("/health", "/ready", "/")
+    assert server_module.ApiKeyMiddleware.OPEN_PREFIXES == ("/static/",)
     readme = (ROOT / "README.md").read_text()
-    assert "every endpoint but `/health` and `/ready` requires" in readme
+    assert "every endpoint but `/health`, `/ready` and the web page's files requires" in readme
     assert httpx.get(guarded.url + "/health").status_code == 200
     assert httpx.get(guarded.url + "/ready").status_code in (200, 503)           # open: not 401
+    for page in ("/", "/static/app.js"):          # the page asks for the key itself
+        assert httpx.get(guarded.url + page).status_code == 200
     for path in ("/v1/models", "/metrics", "/v1/audio/voices"):
         assert httpx.get(guarded.url + path).status_code == 401
         assert authorized.get(path).status_code == 200
@@ -413,10 +413,11 @@ def test_api_keys_are_percent_decoded_and_never_written_to_the_log(guarded):
     with connect(ws_url + f"?api_key={encoded}") as ws:
         ws.send(json.dumps({"input": "   "}))
         assert json.loads(ws.recv())["event"] == "error"
-    deadline = time.monotonic() + 30
-    while "api_key=[hidden]" not in (log := guarded.log_path.read_text(errors="replace")):
-        assert time.monotonic() < deadline, "uvicorn did not log the WebSocket paths"
-        time.sleep(0.1)
+    def log_with_the_paths() -> str:
+        text = guarded.log_path.read_text(errors="replace")
+        return text if "api_key=[hidden]" in text else ""
+
+    log = wait_for(log_with_the_paths, "uvicorn to log the WebSocket paths")
     for secret in ("wrong-key-4711", encoded, GUARDED_KEY):
         assert secret not in log
 

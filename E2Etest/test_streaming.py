@@ -156,19 +156,25 @@ def test_a_client_that_gives_up_before_any_audio_releases_its_queued_request():
 
 
 def test_a_slow_reader_stalls_nobody_and_loses_nothing(url, http):
+    """The slow stream is compared with what the server made of it: a streamed answer is kept in the audio cache as
+    it was sent, and the same request again is served from there. (Not with the same request made alone: float
+    matmuls over a different number of rows can differ in the last bit, and over hundreds of frames that can flip a
+    sample; see issue 12's notes.)"""
     long_text = " ".join(["A client that does not read its stream must not hold anyone else up."] * 3)
+    request = {"model": "tts-1", "input": long_text, "voice": "nova", "seed": 4, "response_format": "pcm"}
     with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as slow_client, \
-            slow_client.stream("POST", "/v1/audio/speech/stream/pcm",
-                               json={"input": long_text, "voice": "nova", "seed": 4}) as slow:
+            slow_client.stream("POST", "/v1/audio/speech", json=request) as slow:
+        assert slow.headers["x-cache"] == "miss"
         slow_chunks = slow.iter_raw()
         first = next(slow_chunks)                           # then it stops reading for a while
         other = http.post("/v1/audio/speech", json={"input": "I am not waiting for anyone.", "voice": "echo",
                                                       "response_format": "pcm", "stream_format": "audio"})
         assert other.status_code == 200 and len(other.content) > 0     # served while the slow one sat unread
         rest = b"".join(slow_chunks)
-    reference = http.post("/v1/audio/speech", json={"input": long_text, "voice": "nova", "seed": 4,
-                                                      "response_format": "pcm"}).content
-    assert_same_audio(decode(first + rest, "pcm")[0], decode(reference, "pcm")[0])
+    made = http.post("/v1/audio/speech", json=request)
+    assert made.headers["x-cache"] == "hit"
+    assert first + rest == made.content                     # every byte the server made reached the slow reader
+    assert len(made.content) > 2 * 24000 * 2                # and it is the whole long text (seconds of audio)
 
 
 def test_websocket_utterances_errors_and_reuse(url, buffered):
