@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """An OpenAI-compatible text-to-speech server for Qwen3-TTS, in one file.
 
-Read top to bottom, the sections follow the data: configuration -> request models and errors -> text -> voices ->
-engine (model manager, scheduler, one model thread) -> audio -> synthesis pipeline -> HTTP -> observability -> main.
+Read top to bottom, the sections follow the data (each `# ---- part: ...` heading says what it holds):
+configuration -> errors (domain errors, and the one place they become HTTP) -> request models -> text (language
+tables as data, the rules, detection, segments) -> voices (built-in speakers; custom voices and their store) ->
+engine (what a model can do, codec frames -> PCM, jobs and sampling, the static decode path and its CUDA graphs,
+the model manager, the scheduler, the one model thread, the facade the HTTP layer uses) -> audio -> synthesis
+(one pipeline for every endpoint) -> HTTP (voices and planning, errors and health, the wire formats, the web page,
+middleware, drain, routes, WebSocket sessions) -> observability -> main.
 Every endpoint builds the same job and consumes the same stream of PCM chunks; only the wire format differs.
 """
 
@@ -2289,7 +2294,7 @@ def split_segments(text: str, language: str, max_chars: int) -> list[str]:
 
 # ---- text: token budget
 
-_CODEC_FRAMES_PER_SECOND = 12.5
+_CODEC_FRAMES_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_FRAME      # 12.5
 # Speaking rates: Han/kana ~4.5 characters/s, Hangul ~6.5 syllable blocks/s, any other character
 # (letters, spaces, punctuation) at the language's Latin rate, ~15 chars/s; a leftover digit ~0.33 s.
 _CJK_CHARS_PER_SECOND = 4.5
@@ -5558,7 +5563,7 @@ def voices_listing(info: Optional[ModelInfo]) -> list[dict]:
     return listing
 
 
-# The web page: static files (no build step) served at / and /static/; it asks for the API key when it needs one.
+# ---- HTTP: the web page (static files, no build step, at / and /static/; it asks for the API key itself)
 WEB_PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 REVALIDATE = {"Cache-Control": "no-cache"}   # browsers ask again (a 304 when unchanged): no stale page after an upgrade
 
@@ -5581,7 +5586,7 @@ def web_page_url(settings: Settings) -> str:
     return f"{'https' if settings.ssl_keyfile else 'http'}://{host}:{settings.port}/"
 
 
-# ---- HTTP: middleware (outermost first: request id, API key, body limits)
+# ---- HTTP: middleware (outermost first: request id, the drain's InFlightMiddleware, API key, body limits)
 class RequestIdMiddleware:
     """Gives every request an id: the client's X-Request-ID when it is sane, else a new one. Every log line written
     while the request is served carries it (loguru's context: extra.request_id), and every response, the WebSocket
