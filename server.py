@@ -6269,6 +6269,11 @@ class _SegmentJob:
     next_chunk: Optional[asyncio.Future] = None
     audio_seconds: float = 0.0
 
+    @property
+    def speaking(self) -> bool:
+        """The model has made this segment's first audio (sent or not yet)."""
+        return self.synthesis.job.first_audio_at is not None
+
     async def close(self, server: Server, endpoint: str, status: int) -> None:
         if self.next_chunk is not None and not self.next_chunk.done():
             self.next_chunk.cancel()
@@ -6282,9 +6287,10 @@ class _SegmentJob:
 class SpeechStream:
     """Speech from text that arrives while it is spoken: each speakable segment (IncrementalText) becomes a job, planned
     as a request of its own with the stream's voice and settings. At most LOOKAHEAD jobs run at once: the one whose
-    audio is being sent and the next, submitted as soon as its text is speakable so that it is ready when the first
-    ends. All their PCM goes through one AudioOutput (speed, resampling, encoder): one continuous stream in one
-    voice. A seeded stream's segment i uses seed + i, so the same pieces give the same audio."""
+    audio is being sent and the next, submitted as soon as its text is speakable and the one before it has made its
+    first audio (_may_submit), so that it is ready when the first ends. All their PCM goes through one AudioOutput
+    (speed, resampling, encoder): one continuous stream in one voice. A seeded stream's segment i uses seed + i, so
+    the same pieces give the same audio."""
 
     LOOKAHEAD = 2
 
@@ -6333,7 +6339,7 @@ class SpeechStream:
         try:
             while True:
                 self._changed.clear()
-                while len(self._jobs) < self.LOOKAHEAD and (text := self.text.take(not self._jobs)) is not None:
+                while self._may_submit() and (text := self.text.take(not self._jobs)) is not None:
                     self._jobs.append(await self._submit(text))
                 if not self._jobs:
                     if self.text.finished:
@@ -6371,6 +6377,12 @@ class SpeechStream:
             while self._jobs:
                 await self._jobs.popleft().close(self.server, self.endpoint, status)
             self.output.close()
+
+    def _may_submit(self) -> bool:
+        """Whether the next segment may start now: nothing runs, or fewer than LOOKAHEAD jobs run and each of them
+        has made its first audio. A new job's prefill stops the batch it joins for a while, and each row it adds
+        slows the batch's steps: it must not delay the first audio of the segment before it."""
+        return not self._jobs or (len(self._jobs) < self.LOOKAHEAD and all(job.speaking for job in self._jobs))
 
     async def _submit(self, text: str) -> _SegmentJob:
         seed = self.request.seed

@@ -2768,6 +2768,61 @@ def test_incremental_text_loses_and_repeats_no_word_however_the_pieces_fall(seed
     assert all(len(segment) <= 60 for segment in spoken)
 
 
+@pytest.mark.anyio
+async def test_a_streams_next_segment_waits_for_the_first_audio_of_the_one_before(tiny_dir, tmp_path, monkeypatch):
+    """A job that joins a running batch stops it for its prefill and slows its steps, so a stream submits its next
+    segment only once the one before it has made its first audio, however early the next one's text is speakable:
+    the first audio comes as soon as the first sentence's alone would (issue 13). The model thread is held until the
+    stream waits for its first segment's audio; before the fix, the second segment had been submitted by then."""
+    service = server.Server(Settings(model_id=tiny_dir, dtype="float32", warmup=False, idle_timeout=0,
+                                     data_dir=str(tmp_path)))
+    service.engine.start()
+    held, release = threading.Event(), threading.Event()
+    holder = asyncio.ensure_future(service.engine.call(tiny_dir, lambda _: held.set() or release.wait(300), 300))
+    submitted: list[tuple[Job, bool]] = []     # each job, and whether every earlier job not over had made audio
+    awaited = asyncio.Event()                  # the stream waits for its first segment's audio
+    submit = service.engine.submit
+
+    def watched_submit(job: Job) -> None:
+        submitted.append((job, all(j.first_audio_at is not None for j, _ in submitted if not j.over)))
+        if len(submitted) == 1:
+            next_event = job.next_event
+
+            async def watched_next_event(timeout: float) -> tuple[str, object]:
+                awaited.set()
+                return await next_event(timeout)
+
+            job.next_event = watched_next_event
+        submit(job)
+
+    monkeypatch.setattr(service.engine, "submit", watched_submit)
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    try:
+        await until(held.is_set, "the model to be loaded and held")
+        stream = await server.SpeechStream.open(service, {"voice": "alloy", "seed": 3}, "pcm", "ws_stream")
+        for piece in ("Sure!", " The weather is mild today."):     # two segments, both speakable from the start
+            stream.add(piece)
+            stream.flush()
+        stream.end()
+        speaking = asyncio.ensure_future(stream.run(send))
+        await asyncio.wait_for(awaited.wait(), 300)
+        assert [job.plan.text for job, _ in submitted] == ["Sure!"]
+        release.set()
+        await asyncio.wait_for(speaking, 300)
+        await holder
+    finally:
+        release.set()
+        service.engine.stop()
+    assert [job.plan.text for job, _ in submitted] == ["Sure!", "The weather is mild today."]
+    assert all(made_audio for _, made_audio in submitted)
+    frames = sum(sum(job.plan.budgets) for job, _ in submitted)       # the tiny model speaks every whole budget
+    assert len(b"".join(sent)) == frames * server.SAMPLES_PER_FRAME * 2
+
+
 def test_lone_surrogates_are_found_wherever_they_are():
     assert server.lone_surrogate({"input": "fine \U0001F600", "voice": {"id": "x"}}) is None
     assert server.lone_surrogate({"input": "bad \ud800"}) == "'input'"
