@@ -603,7 +603,7 @@ def test_health_makes_no_model_managers(tiny_dir):
 @pytest.fixture()
 def engine(tiny_dir):
     settings = Settings(model_id=tiny_dir, dtype="float32", warmup=False, max_batch_size=4, batch_wait_ms=50,
-                        max_queue_depth=3, idle_timeout=0)
+                        max_queue_depth=3, idle_timeout=0, codec_thread="true")   # the GPU's path, on this CPU
     eng = Engine(settings, Metrics(tiny_dir))
     eng.start()
     yield eng
@@ -807,7 +807,7 @@ def events_of_a_busy_engine(tiny_dir: str, codec_thread: bool) -> list[list[tupl
     """Every event of three seeded jobs sharing four slots (one of five segments of different lengths, whose rows
     join as others leave), in the order each job pushed them."""
     settings = Settings(model_id=tiny_dir, dtype="float32", warmup=False, max_batch_size=4, batch_wait_ms=50,
-                        max_queue_depth=0, idle_timeout=0, codec_thread=codec_thread)
+                        max_queue_depth=0, idle_timeout=0, codec_thread=str(codec_thread).lower())
     engine = Engine(settings, Metrics(tiny_dir))
     engine.start()
 
@@ -1246,7 +1246,8 @@ def test_unload_really_drops_the_model(tiny_dir):
 def test_unload_waits_for_the_codec_worker_and_frees_it_and_a_load_starts_a_new_one(tiny_dir, monkeypatch):
     """Unload drains the codec worker before the codec is freed: a chunk it is decoding comes out first, then its
     thread ends and the codec's weights go; loading again starts a fresh worker."""
-    manager = server.ModelManager(tiny_dir, Settings(model_id=tiny_dir, dtype="float32", warmup=False))
+    manager = server.ModelManager(tiny_dir, Settings(model_id=tiny_dir, dtype="float32", warmup=False,
+                                                     codec_thread="true"))
     manager.ensure_loaded()
     decoding, release = threading.Event(), threading.Event()
     decode = StreamingDecoder.decode
