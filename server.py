@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -175,6 +176,7 @@ class Settings:
     continuous_batching: bool = setting("CONTINUOUS_BATCHING", True)
     kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 2048, lo=64, hi=10**6)
     cuda_graphs: bool = setting("CUDA_GRAPHS", True)
+    codec_thread: str = setting("CODEC_THREAD", "auto", choices=("auto", "true", "false"))
     # requests and responses
     max_input_chars: int = setting("MAX_INPUT_CHARS", 4096, lo=1, hi=10**7)
     segment_max_chars: int = setting("SEGMENT_MAX_CHARS", 300, lo=20, hi=10**5)
@@ -3050,8 +3052,9 @@ class SamplingRules:
 
 
 class Job:
-    """One request as the engine sees it, built from its plan: segments in, ordered PCM chunks out. The model thread
-    produces (emit_audio, end_segment, fail); the event loop consumes (next_event)."""
+    """One request as the engine sees it, built from its plan: segments in, ordered PCM chunks out. The engine's
+    threads produce (emit_audio and end_segment on the codec worker, fail and cancel anywhere), under one lock, so
+    that nothing is pushed once the job is over; the event loop consumes (next_event)."""
 
     def __init__(self, plan: SpeechPlan, *, first_chunk_frames: int, chunk_frames: int, timeout: float,
                  loop: Optional[asyncio.AbstractEventLoop], internal: bool = False):
@@ -3080,6 +3083,7 @@ class Job:
         self._next_segment = 0
         self._held: dict[int, list[np.ndarray]] = collections.defaultdict(list)
         self._ended: set[int] = set()
+        self._lock = threading.Lock()      # the producers' state changes and pushes, one at a time
 
     @property
     def over(self) -> bool:
@@ -3090,32 +3094,42 @@ class Job:
         return sum(max(0, self.budgets[seg] - self.segment_frames[seg]) for seg in range(len(self.segments))
                    if seg not in self._ended)
 
-    # -- called on the model thread
+    # -- called by the engine's threads
     def emit_audio(self, segment: int, pcm: np.ndarray) -> None:
-        if self.over or pcm.size == 0:
-            return
-        if segment == self._next_segment:
-            self._push("audio", pcm)
-        else:
-            self._held[segment].append(pcm)
+        with self._lock:
+            if self.over or pcm.size == 0:
+                return
+            if segment == self._next_segment:
+                self._push("audio", pcm)
+            else:
+                self._held[segment].append(pcm)
 
     def end_segment(self, segment: int) -> None:
-        if self.over:
-            return
-        self._ended.add(segment)
-        while self._next_segment in self._ended:
-            self._next_segment += 1
-            for pcm in self._held.pop(self._next_segment, []):
-                self._push("audio", pcm)
-        if self._next_segment == len(self.segments):
-            self.state = "done"
-            self._push("done", None)
+        with self._lock:
+            if self.over:
+                return
+            self._ended.add(segment)
+            while self._next_segment in self._ended:
+                self._next_segment += 1
+                for pcm in self._held.pop(self._next_segment, []):
+                    self._push("audio", pcm)
+            if self._next_segment == len(self.segments):
+                self.state = "done"
+                self._push("done", None)
 
     def fail(self, error: ServiceError) -> None:
-        if not self.over:
-            self.state = "failed"
-            self._held.clear()
-            self._push("error", error)
+        with self._lock:
+            if not self.over:
+                self.state = "failed"
+                self._held.clear()
+                self._push("error", error)
+
+    def cancel(self) -> None:
+        """The client is gone: nothing more is pushed (its rows stop at their next step)."""
+        with self._lock:
+            if not self.over:
+                self.state = "cancelled"
+                self._held.clear()
 
     def _push(self, kind: str, payload: Any) -> None:
         if kind == "audio" and self.first_audio_at is None:
@@ -3130,15 +3144,119 @@ class Job:
         return await asyncio.wait_for(self._events.get(), timeout=max(0.0, timeout))
 
 
+# ---- engine: codec decode on its own thread, off the model thread's critical path
+def generation_error(exc: BaseException) -> ServiceError:
+    """What a failure on the model or the codec means to the jobs it concerns: OutOfMemory, or SynthesisFailed."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        _release_memory()
+        return OutOfMemory()
+    logger.opt(exception=exc).error("synthesis failed")
+    return SynthesisFailed(f"synthesis failed: {type(exc).__name__}: {exc}")
+
+
+class CodecWork(NamedTuple):
+    """One row's hand-over to the codec: frames [n, 16] on the host to decode (None: none left), `prime` frames to
+    take in first (a cloned voice's reference, with the row's first frames), `end`: the segment ends after them,
+    `then`: called last (the row has left; the scheduler's books)."""
+
+    decoder: StreamingDecoder
+    frames: Optional[torch.Tensor]
+    job: Job
+    segment: int
+    prime: Optional[torch.Tensor] = None
+    end: bool = False
+    then: Optional[Callable[[], None]] = None
+
+
+class CodecWorker:
+    """Decodes rows' codec frames to PCM on its own thread, so that the model thread's next step never waits for the
+    codec. One FIFO for every row of a loaded model: a row's chunks reach its job in the order they were made, its
+    segment ends after its last chunk, and a job that is over (cancelled, failed, timed out) gets nothing more (Job
+    checks under its lock). Each row's StreamingDecoder is used here only, once the row is made.
+
+    Frames come from the host: the step's one device-to-host copy has completed them, so the threads share no device
+    tensor and need no event between their streams; on CUDA the codec runs on its own stream, and its tensors are
+    made, used and freed there. The queue holds QUEUE_PER_SLOT hand-overs per decode slot: a codec that falls behind
+    holds the model thread back rather than piling up latency and memory. A decode that fails fails its job
+    (generation_error); the worker goes on. With `threaded` False (CODEC_THREAD=false, or auto on a CPU) the same
+    work runs inline on the caller's thread, between the steps, as the engine did before."""
+
+    QUEUE_PER_SLOT = 2
+
+    def __init__(self, device: torch.device, slots: int, threaded: bool):
+        self.device, self.threaded = device, threaded
+        self._queue: queue.Queue[Union[CodecWork, threading.Event, None]] = queue.Queue(self.QUEUE_PER_SLOT * slots)
+        self._thread: Optional[threading.Thread] = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="codec-thread", daemon=True)
+            self._thread.start()
+
+    def submit(self, work: CodecWork) -> None:
+        """Hand work over (blocks while the queue is full); inline, do it now."""
+        if self._thread is None:
+            self._do(work)
+        else:
+            self._queue.put(work)
+
+    def wait(self, progress_seconds: float = 30.0) -> None:
+        """Return once everything handed over so far is done; a slow codec is logged every `progress_seconds`."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(progress_seconds) and self._thread.is_alive():
+            logger.warning("still waiting for the codec worker: {} hand-overs queued", self._queue.qsize())
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Finish what was handed over, then end the thread (unload: before the codec is freed)."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the codec worker did not finish within {:g}s; it keeps its references until it does",
+                           timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while (work := self._queue.get()) is not None:
+                if isinstance(work, threading.Event):
+                    work.set()
+                    continue
+                try:
+                    self._do(work)
+                except Exception as exc:  # noqa: BLE001 - a bug in a job's bookkeeping must not stop every job's audio
+                    logger.opt(exception=exc).error("the codec worker's hand-over for job {} failed", work.job.id)
+
+    @staticmethod
+    def _do(work: CodecWork) -> None:
+        job = work.job
+        try:
+            if work.frames is not None and not job.over:
+                if work.prime is not None:
+                    work.decoder.prime(work.prime)
+                job.emit_audio(work.segment, work.decoder.decode(work.frames))
+        except Exception as exc:  # noqa: BLE001 - it fails this job, never the worker
+            job.fail(generation_error(exc))
+        if work.end:
+            job.end_segment(work.segment)
+        if work.then is not None:
+            work.then()
+
+
 class Row:
     """One segment of one job in a DecodeBatch. It owns what is its alone: its slot in the decoder's buffers (and
-    the length of the cache there), its random generator, its frames (decoded to audio in chunks) and its reason to
-    stop."""
+    the length of the cache there), its random generator, its frames (handed to the codec worker in chunks, with
+    its StreamingDecoder) and its reason to stop. Its last hand-over ends the segment and then calls `on_leave`:
+    the row has left once its audio is out."""
 
-    def __init__(self, job: Job, segment: int, decoder: Optional[StreamingDecoder]):
-        self.job, self.segment, self.decoder = job, segment, decoder
-        if decoder is not None and job.voice_prompt is not None and job.voice_prompt.icl:
-            decoder.prime(job.voice_prompt.ref_code)
+    def __init__(self, job: Job, segment: int, decoder: StreamingDecoder, codec: CodecWorker,
+                 on_leave: Callable[[Job], None]):
+        self.job, self.segment, self.decoder, self.codec, self.on_leave = job, segment, decoder, codec, on_leave
+        prompt = job.voice_prompt
+        self._prime = prompt.ref_code if prompt is not None and prompt.icl else None   # with the first frames
         self.budget = job.budgets[segment]
         self.frames = 0
         self.closed = False
@@ -3177,7 +3295,8 @@ class Row:
         return None
 
     def close(self, reason: str) -> None:
-        """Finish this row: decode what is left (when the audio is still wanted) and tell the job."""
+        """Finish this row: hand over what is left (when the audio is still wanted), the end of its segment and its
+        leave. A timeout fails the job here, on the model thread: nothing handed over before is emitted after."""
         if self.closed:
             return
         self.closed = True
@@ -3185,17 +3304,21 @@ class Row:
             self.job.fail(TimedOut(f"synthesis did not finish within REQUEST_TIMEOUT={self.job.timeout:g}s"))
         if self.job.over:
             self._pending.clear()
-            return
-        if reason == "budget" and not self.job.internal:
+        elif reason == "budget" and not self.job.internal:
             logger.warning("job {} segment {} reached its token budget of {} frames", self.job.id, self.segment,
                            self.budget)
-        self._flush()
-        self.job.end_segment(self.segment)
+        self._flush(end=True)
 
-    def _flush(self) -> None:
-        if self._pending and self.decoder is not None and not self.job.over:
-            self.job.emit_audio(self.segment, self.decoder.decode(torch.stack(self._pending)))
+    def _flush(self, end: bool = False) -> None:
+        frames = torch.stack(self._pending) if self._pending and not self.job.over else None
         self._pending.clear()
+        if frames is None and not end:
+            return
+        self.codec.submit(CodecWork(self.decoder, frames, self.job, self.segment,
+                                    prime=self._prime if frames is not None else None, end=end,
+                                    then=(lambda: self.on_leave(self.job)) if end else None))
+        if frames is not None:
+            self._prime = None
 
 
 class _Prefilled(Exception):
@@ -3526,7 +3649,9 @@ class DecodeBatch:
     StaticDecoder: row i sits in slot i. A row joins at any step: its prefill runs through the library's own
     generate(), stopped by a hook right after it, and its keys/values are copied into a free slot. A row leaves as
     soon as it ends, and the last row moves into its slot. So a request that arrives while others generate starts at
-    the next step instead of waiting for the whole batch, and finished rows cost nothing.
+    the next step instead of waiting for the whole batch, and finished rows cost nothing. Rows hand their frames to
+    the model's CodecWorker; a row counts as gone (`on_leave`) once its audio is out, and a batch whose rows are all
+    gone has waited for the codec: when the batch is empty, all of its audio has been emitted.
 
     Each row keeps its own cache positions, text position, parameters and generator, so its audio does not depend
     on which rows share its steps (see SamplingRules)."""
@@ -3536,7 +3661,7 @@ class DecodeBatch:
         self.tts, self.info, self.decoder = manager.tts, manager.info, manager.decoder
         self.slots = self.decoder.slots
         self.talker = self.tts.model.talker
-        self.codec = self.tts.model.speech_tokenizer.model
+        self.codec_model, self.codec = self.tts.model.speech_tokenizer.model, manager.codec
         self.eos_id = self.tts.model.config.talker_config.codec_eos_token_id
         self.on_step, self.on_leave = on_step, on_leave
         self.rows: list[Row] = []                    # rows[i] sits in slot i
@@ -3558,7 +3683,8 @@ class DecodeBatch:
         self.joining = [job for job, _ in pairs]
         if len(self.rows) + len(pairs) > self.slots.count:
             raise RuntimeError(f"{len(pairs)} rows cannot join {len(self.rows)} in {self.slots.count} slots")
-        rows = [Row(job, segment, StreamingDecoder(self.codec)) for job, segment in pairs]
+        rows = [Row(job, segment, StreamingDecoder(self.codec_model), self.codec, self.on_leave)
+                for job, segment in pairs]
         mask, out = self._prefill(rows)
         lengths = mask.sum(dim=1).tolist()           # each row's prefill positions; the rest is left padding
         trailing = out.trailing_text_hidden
@@ -3652,11 +3778,11 @@ class DecodeBatch:
                 row.close(reason)
 
     def _drop_closed(self) -> None:
-        """Remove the closed rows; the rows beyond the new count move into the slots they left."""
+        """Remove the closed rows (their leave goes through the codec, after their audio); the rows beyond the new
+        count move into the slots they left. Once no row is left, wait for the codec to finish the batch's audio."""
         kept = [row for row in self.rows if not row.closed]
         if len(kept) == len(self.rows):
             return
-        gone = [row for row in self.rows if row.closed]
         holes = iter(sorted(set(range(len(kept))) - {row.slot for row in kept}))
         for row in kept:
             if row.slot >= len(kept):
@@ -3666,8 +3792,8 @@ class DecodeBatch:
         for slot in range(len(kept), len(self.rows)):
             self.slots.free(slot)
         self.rows = sorted(kept, key=lambda row: row.slot)
-        for row in gone:
-            self.on_leave(row.job)
+        if not self.rows:
+            self.codec.wait()
 
     def fail_joining(self, error: ServiceError) -> None:
         """Rows that could not join (their prefill failed) fail with `error`; the rows already running go on."""
@@ -3678,14 +3804,16 @@ class DecodeBatch:
 
     def fail_all(self, error: ServiceError) -> None:
         """Something went wrong on the model: every row in the batch (or joining it) fails with `error`."""
-        jobs = [row.job for row in self.rows] + self.joining
-        for row in self.rows:
-            row.closed = True
+        rows, joining = self.rows, self.joining
         self.rows, self.joining = [], []
         self.slots.free()
-        for job in jobs:
+        for job in [row.job for row in rows] + joining:
             job.fail(error)
+        for row in rows:
+            row.close("failed")                # the job is over: only its leave is handed over
+        for job in joining:
             self.on_leave(job)
+        self.codec.wait()
 
 
 # ---- engine: loading, warming up and unloading one model
@@ -3709,6 +3837,7 @@ class ModelManager:
         self.model_id, self.settings = model_id, settings
         self.tts: Any = None
         self.decoder: Optional[StaticDecoder] = None   # the decode slots and step graphs, while loaded
+        self.codec: Optional[CodecWorker] = None       # the codec's thread (CODEC_THREAD), while loaded
         self.info: Optional[ModelInfo] = None
         self.state = "unloaded"            # unloaded | loading | ready | failed
         self.error: Optional[str] = None
@@ -3746,6 +3875,7 @@ class ModelManager:
             self.decoder = StaticDecoder(self.tts, self.settings.max_batch_size, self.settings.kv_cache_tokens)
             if self.settings.cuda_graphs:
                 self.decoder.capture_graphs()      # before the model counts as loaded: /ready waits for it
+            self.codec = CodecWorker(torch.device(self.device), self.settings.max_batch_size, self._codec_thread())
         except Exception as exc:  # noqa: BLE001
             self.tts = self.decoder = None
             _release_memory()
@@ -3786,7 +3916,9 @@ class ModelManager:
     def unload(self) -> None:
         if self.tts is None:
             return
-        self.tts = self.decoder = None
+        if self.codec is not None:
+            self.codec.stop()                  # its last audio out, its thread gone: then the codec can be freed
+        self.tts = self.decoder = self.codec = None
         self.state = "unloaded"
         _release_memory()
         logger.info("model {} unloaded after {:.0f}s idle", self.model_id, time.monotonic() - self.last_used)
@@ -3812,6 +3944,13 @@ class ModelManager:
         self.device, self.dtype, self.attention = device, dtype, attention
         self.compiled = self._maybe_compile(tts, device)
         return tts
+
+    def _codec_thread(self) -> bool:
+        """CODEC_THREAD=auto: the codec's own thread on CUDA only. On a CPU the two threads contend for the cores
+        and the GIL: measured on a 2-core CPU (bench.py codec), the model thread's step took 46 ms instead of 32 ms
+        with the codec beside it."""
+        wanted = self.settings.codec_thread
+        return wanted == "true" or (wanted == "auto" and str(self.device).startswith("cuda"))
 
     def _pick_device(self) -> str:
         wanted = self.settings.device
@@ -3979,8 +4118,7 @@ class Scheduler:
     def cancel(self, job: Job) -> None:
         """The client is gone: its rows stop at the next step, and the job is released once none is left."""
         with self._cond:
-            if not job.over:
-                job.state = "cancelled"
+            job.cancel()
             if job.running_rows == 0:
                 self._release(job)
 
@@ -4213,7 +4351,7 @@ class ModelWorker:
                         batch.step()
                         self._between_steps(manager, batch)
             except Exception as exc:  # noqa: BLE001 - reported to every job of the batch
-                batch.fail_all(self._generation_error(exc))
+                batch.fail_all(generation_error(exc))
             finally:
                 self.metrics.batch_rows(0)
                 self.metrics.batch(batch.peak, time.monotonic() - started)
@@ -4229,7 +4367,7 @@ class ModelWorker:
             try:
                 batch.add(joining)
             except Exception as exc:  # noqa: BLE001 - only the joining requests fail
-                batch.fail_joining(self._generation_error(exc))
+                batch.fail_joining(generation_error(exc))
 
     def _run_task(self, task: ModelTask) -> None:
         manager = self.models.get(task.model_id)
@@ -4242,7 +4380,7 @@ class ModelWorker:
         except ServiceError as exc:
             task.settle(None, exc)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
-            task.settle(None, self._generation_error(exc))
+            task.settle(None, generation_error(exc))
 
     def _seconds_until_idle_unload(self) -> Optional[float]:
         if self.settings.idle_timeout <= 0:
@@ -4263,14 +4401,6 @@ class ModelWorker:
         self.heartbeat = time.monotonic()
         if step_seconds is not None:
             self.scheduler.record_step(step_seconds)
-
-    @staticmethod
-    def _generation_error(exc: BaseException) -> ServiceError:
-        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            _release_memory()
-            return OutOfMemory()
-        logger.opt(exception=exc).error("synthesis failed")
-        return SynthesisFailed(f"synthesis failed: {type(exc).__name__}: {exc}")
 
 
 # ---- engine: what the HTTP layer uses

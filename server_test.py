@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -602,7 +603,7 @@ def test_health_makes_no_model_managers(tiny_dir):
 @pytest.fixture()
 def engine(tiny_dir):
     settings = Settings(model_id=tiny_dir, dtype="float32", warmup=False, max_batch_size=4, batch_wait_ms=50,
-                        max_queue_depth=3, idle_timeout=0)
+                        max_queue_depth=3, idle_timeout=0, codec_thread="true")   # the GPU's path, on this CPU
     eng = Engine(settings, Metrics(tiny_dir))
     eng.start()
     yield eng
@@ -719,6 +720,126 @@ async def test_a_job_past_its_deadline_times_out(engine, tiny_dir):
         await audio_of(job)
     assert server.api_error(err.value).status == 504 and job.output_frames < 2000
     await until(lambda: engine.queue_depth == 0, "the queue to empty")
+
+
+def pushed(job: Job) -> list[tuple[str, Any]]:
+    """The events a job has pushed that nobody read yet (on the event loop, once the pushes have run)."""
+    events = []
+    while not job._events.empty():
+        events.append(job._events.get_nowait())
+    return events
+
+
+@pytest.mark.anyio
+async def test_the_model_thread_steps_on_while_the_codec_decodes(engine, tiny_dir):
+    """Codec decode is off the critical path: while the codec worker is held at one row's first chunk, the model
+    thread goes on generating the other row's frames (up to the codec queue's bound); the other row's audio waits
+    its turn behind the held chunk, in order, and both come out whole."""
+    held = gated_job(model_id=tiny_dir, budgets=(60,))
+    other = make_job(model_id=tiny_dir, budgets=(60,))
+    engine.submit(held)
+    engine.submit(other)
+    await until(lambda: other.output_frames >= 3 * other.first_chunk_frames, "the other row to step on")
+    assert other.first_audio_at is None                   # its first chunk is queued behind the held one
+    held.gate.set()
+    assert [(await audio_of(job)).size for job in (held, other)] == [60 * 1920, 60 * 1920]
+    assert engine.queue_depth == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_job_emits_nothing_of_what_it_had_handed_to_the_codec(engine, tiny_dir):
+    job = gated_job(model_id=tiny_dir, budgets=(2000,))
+    engine.submit(job)
+    await until(lambda: job.first_audio_at is not None and job.output_frames >= 3 * job.first_chunk_frames,
+                "chunks to queue behind the held one")
+    engine.cancel(job)
+    job.gate.set()
+    await until(lambda: engine.busy_since is None, "the batch to end")
+    assert [kind for kind, _ in pushed(job)] == ["audio"]  # the held first chunk, pushed before the cancel
+    assert job.output_frames < 2000 and engine.queue_depth == 0
+
+
+@pytest.mark.anyio
+async def test_a_timed_out_job_emits_nothing_after_its_error(engine, tiny_dir):
+    """The codec is held while the row generates past its deadline (its chunks queue up, as many as the machine's
+    speed allows before it); the timeout fails the job, and none of the queued chunks follows the error."""
+    warm = make_job(model_id=tiny_dir, budgets=(1,))
+    engine.submit(warm)
+    await audio_of(warm)                                  # the model is loaded: the timed row generates at once
+    job = gated_job(model_id=tiny_dir, budgets=(2000,), timeout=1.0)
+    engine.submit(job)
+    await until(lambda: time.monotonic() > job.deadline, "the deadline to pass")
+    job.gate.set()
+    await until(lambda: job.over and engine.busy_since is None, "the batch to end")
+    kinds = [kind for kind, _ in pushed(job)]
+    assert kinds[-1] == "error" and set(kinds[:-1]) <= {"audio"} and job.state == "failed"
+    assert job.output_frames < 2000 and engine.queue_depth == 0
+
+
+@pytest.mark.anyio
+async def test_a_failed_decode_fails_only_its_job_and_the_codec_goes_on(engine, tiny_dir, monkeypatch):
+    """The codec raises on one job's chunks (the only 3-frame chunks here): that job fails with SynthesisFailed and
+    stops generating; the other row of the batch, and a job after it, get all their audio."""
+    decode = StreamingDecoder.decode
+
+    def broken_for_three_frames(self, codes):
+        if codes.shape[0] == 3:
+            raise RuntimeError("the codec broke")
+        return decode(self, codes)
+
+    monkeypatch.setattr(StreamingDecoder, "decode", broken_for_three_frames)
+    bad = Job(make_plan(model_id=tiny_dir, speaker="vivian", budgets=(300,)), first_chunk_frames=3, chunk_frames=3,
+              timeout=600, loop=asyncio.get_running_loop())
+    good = make_job(model_id=tiny_dir, budgets=(24,), sampling=Sampling())
+    engine.submit(bad)
+    engine.submit(good)
+    with pytest.raises(server.SynthesisFailed, match="the codec broke"):
+        await audio_of(bad)
+    assert (await audio_of(good)).size == 24 * 1920
+    after = make_job(model_id=tiny_dir, budgets=(8,), sampling=Sampling())
+    engine.submit(after)
+    assert (await audio_of(after)).size == 8 * 1920
+    await until(lambda: engine.queue_depth == 0, "the queue to empty")
+    assert bad.output_frames < 300                        # the failed job's row stopped at a step
+
+
+def events_of_a_busy_engine(tiny_dir: str, codec_thread: bool) -> list[list[tuple[str, Any]]]:
+    """Every event of three seeded jobs sharing four slots (one of five segments of different lengths, whose rows
+    join as others leave), in the order each job pushed them."""
+    settings = Settings(model_id=tiny_dir, dtype="float32", warmup=False, max_batch_size=4, batch_wait_ms=50,
+                        max_queue_depth=0, idle_timeout=0, codec_thread=str(codec_thread).lower())
+    engine = Engine(settings, Metrics(tiny_dir))
+    engine.start()
+
+    async def scenario() -> list[list[tuple[str, Any]]]:
+        jobs = [make_job(model_id=tiny_dir, budgets=(7,), sampling=Sampling(seed=21)),
+                make_job(model_id=tiny_dir, budgets=(18,), speaker="ryan", sampling=Sampling(seed=22)),
+                make_job(model_id=tiny_dir, segments=("One.", "Two, and more.", "Three.", "Four.", "Five."),
+                         budgets=(9, 5, 13, 6, 10), sampling=Sampling(seed=23))]
+        for job in jobs:
+            engine.submit(job)
+        events = [[] for _ in jobs]
+        for job, out in zip(jobs, events, strict=True):
+            while not out or out[-1][0] == "audio":
+                out.append(await job.next_event(300))
+        return events
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.stop()
+
+
+def test_events_keep_their_order_under_many_rows_and_equal_the_inline_decode(tiny_dir):
+    """With the codec on its own thread, every job's events are what decoding on the model thread gives, chunk by
+    chunk and bit for bit: audio in segment order, each chunk its size, then done."""
+    threaded, inline = (events_of_a_busy_engine(tiny_dir, flag) for flag in (True, False))
+    for ours, theirs in zip(threaded, inline, strict=True):
+        assert [kind for kind, _ in ours] == [kind for kind, _ in theirs]
+        assert ours[-1] == ("done", None) and {kind for kind, _ in ours[:-1]} == {"audio"}
+        for (_, a), (_, b) in zip(ours[:-1], theirs[:-1], strict=True):
+            np.testing.assert_array_equal(a, b)
+    sizes = [payload.size // 1920 for _, payload in threaded[2][:-1]]
+    assert sizes == [4, 4, 1, 4, 1, 4, 4, 4, 1, 4, 2, 4, 4, 2]   # each segment: 4-frame chunks, then its rest
 
 
 @pytest.mark.anyio
@@ -1120,6 +1241,46 @@ def test_unload_really_drops_the_model(tiny_dir):
     manager.unload()
     gc.collect()
     assert ref() is None and manager.state == "unloaded"
+
+
+def test_unload_waits_for_the_codec_worker_and_frees_it_and_a_load_starts_a_new_one(tiny_dir, monkeypatch):
+    """Unload drains the codec worker before the codec is freed: a chunk it is decoding comes out first, then its
+    thread ends and the codec's weights go; loading again starts a fresh worker."""
+    manager = server.ModelManager(tiny_dir, Settings(model_id=tiny_dir, dtype="float32", warmup=False,
+                                                     codec_thread="true"))
+    manager.ensure_loaded()
+    decoding, release = threading.Event(), threading.Event()
+    decode = StreamingDecoder.decode
+
+    def slow(self, codes):
+        decoding.set()
+        assert release.wait(300), "the test never released the codec"
+        return decode(self, codes)
+
+    monkeypatch.setattr(StreamingDecoder, "decode", slow)
+    job = make_job(model_id=tiny_dir)
+    got: list[np.ndarray] = []
+    job.emit_audio = lambda segment, pcm: got.append(pcm)
+    worker, codec_model = manager.codec, manager.tts.model.speech_tokenizer.model
+    thread = worker._thread
+    worker.submit(server.CodecWork(StreamingDecoder(codec_model), torch.zeros(4, 16, dtype=torch.long), job, 0))
+    assert decoding.wait(300)
+    unloading = threading.Thread(target=manager.unload)
+    unloading.start()
+    unloading.join(0.5)
+    assert unloading.is_alive() and not got            # unload waits for the chunk being decoded
+    release.set()
+    unloading.join(300)
+    assert not unloading.is_alive() and [pcm.size for pcm in got] == [4 * 1920] and not thread.is_alive()
+    codec_ref = weakref.ref(codec_model)
+    del worker, codec_model
+    gc.collect()
+    assert codec_ref() is None and manager.codec is None
+    manager.ensure_loaded()
+    try:
+        assert manager.codec._thread.is_alive() and manager.codec._thread is not thread
+    finally:
+        manager.unload()
 
 
 def test_loading_a_missing_model_explains_what_to_set(tmp_path):

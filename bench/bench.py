@@ -9,6 +9,7 @@ process with the settings it compares, so a figure and its baseline come from th
     .venv/bin/python bench/bench.py overload [--model DIR]   # 200 requests from 50 clients, MAX_QUEUE_DEPTH=8
     .venv/bin/python bench/bench.py voices   [--model DIR]   # clone-prompt cost; the store on SQLite vs PostgreSQL
     .venv/bin/python bench/bench.py engine   [--model DIR]   # the decode step in process: library-driven vs static
+    .venv/bin/python bench/bench.py codec    [--model DIR]   # codec decode on the model thread vs its own thread
     .venv/bin/python bench/bench.py firstbyte [--model DIR]  # no stream_format: OpenAI's request (streamed) vs seed's
     .venv/bin/python bench/bench.py upload --baseline OLD/server.py  # a 60-minute FLAC upload: server memory and time
     .venv/bin/python bench/bench.py incremental [--rate 30]  # text at an LLM's pace: stream vs per sentence vs whole
@@ -447,6 +448,29 @@ def scenario_engine(args: argparse.Namespace) -> None:
            "step: 4 live rows spread over 8 slots, ms"], leaves)
 
 
+def scenario_codec(args: argparse.Namespace) -> None:
+    """Codec decode on the model thread (CODEC_THREAD=false, as before) vs on its own thread, on one loaded model,
+    alternating: the model thread's ms per step (mean, worst) and the rows' throughput, at 1 and 4 rows."""
+    import engine_bench as eb
+
+    manager = eb.load(args.model, args.dtype, 4, args.kv_cache_tokens, graphs=False)
+    results: dict = {(rows, threaded): [] for rows in (1, 4) for threaded in (False, True)}
+    try:
+        for _ in range(args.repeat):
+            for rows in (1, 4):
+                for threaded in (False, True):
+                    results[rows, threaded].append(eb.codec_batch(manager, rows, args.codec_frames, threaded))
+    finally:
+        manager.unload()
+    table(f"codec: decode on the model thread vs its own thread ({Path(args.model).name}, {args.dtype}, "
+          f"{args.codec_frames} frames a row, chunks 4 then 16, median of {args.repeat})",
+          ["rows", "codec", "model thread ms/step, mean", "worst", "rows' frames/s", "audio s/s"],
+          [[rows, "own thread" if threaded else "model thread",
+            *(fmt(statistics.median(r[key] for r in runs), 1) for key in ("step_ms_mean", "step_ms_max",
+                                                                         "frames_per_s", "audio_s_per_s"))]
+           for (rows, threaded), runs in results.items()])
+
+
 WARM = 2
 
 
@@ -645,7 +669,7 @@ def scenario_incremental(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["core", "stream", "load", "arrivals", "overload", "voices", "engine",
-                                             "firstbyte", "upload", "incremental"])
+                                             "codec", "firstbyte", "upload", "incremental"])
     parser.add_argument("--model", default=str(TINY))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -659,10 +683,11 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=3, help="engine: steps on the full-size model (0: skip)")
     parser.add_argument("--dtype", default="float32", help="engine: the model's dtype")
     parser.add_argument("--kv-cache-tokens", type=int, default=256, help="engine: KV_CACHE_TOKENS")
+    parser.add_argument("--codec-frames", type=int, default=100, help="codec: frames each row generates")
     args = parser.parse_args()
     args.env = dict(kv.split("=", 1) for kv in args.env)
     {"core": scenario_core, "stream": scenario_stream, "load": scenario_load, "arrivals": scenario_arrivals,
-     "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine,
+     "overload": scenario_overload, "voices": scenario_voices, "engine": scenario_engine, "codec": scenario_codec,
      "firstbyte": scenario_firstbyte, "upload": scenario_upload,
      "incremental": scenario_incremental}[args.scenario](args)
 

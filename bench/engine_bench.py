@@ -141,3 +141,41 @@ def timed(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+# ---- codec decode on the model thread (inline) vs on its own thread (CodecWorker)
+def use_codec_thread(manager: server.ModelManager, threaded: bool) -> None:
+    """Give the loaded model a codec worker on its own thread (CODEC_THREAD=true) or inline (false)."""
+    manager.codec.stop()
+    manager.codec = server.CodecWorker(manager.decoder.slots.device, manager.decoder.slots.count, threaded)
+
+
+def codec_batch(manager: server.ModelManager, rows: int, budget: int, threaded: bool, first_chunk_frames: int = 4,
+                chunk_frames: int = 16) -> dict:
+    """`rows` seeded rows of `budget` frames through DecodeBatch, every chunk decoded to PCM, with the codec on the
+    model thread or on its own. -> the model thread's ms per step, mean and worst (the step, the rows' bookkeeping,
+    and the decode or the hand-over: what delays every row's next frame; the mean spreads each chunk's decode over
+    its steps), and the rows' frames (and audio seconds) per second from the first step until the batch is empty,
+    its last audio out."""
+    use_codec_thread(manager, threaded)
+    jobs = [server.Job(plan(manager.model_id, TEXT, budget, seed=i), first_chunk_frames=first_chunk_frames,
+                       chunk_frames=chunk_frames, timeout=10**6, loop=None, internal=True) for i in range(rows)]
+    samples = [0] * rows
+    for i, job in enumerate(jobs):
+        emit = job.emit_audio
+        job.emit_audio = lambda segment, pcm, i=i, emit=emit: (samples.__setitem__(i, samples[i] + pcm.size),
+                                                                 emit(segment, pcm))
+    steps = []
+    with torch.inference_mode(), server.DecodeBatch(manager, lambda _: None, lambda _: None) as batch:
+        batch.add([(job, 0) for job in jobs])
+        started = time.perf_counter()
+        while batch.rows:
+            before = time.perf_counter()
+            batch.step()
+            steps.append(time.perf_counter() - before)
+        wall = time.perf_counter() - started
+    assert samples == [budget * server.SAMPLES_PER_FRAME] * rows, "a row's audio is missing"
+    measured = steps[WARM_STEPS:] or steps
+    return {"step_ms_mean": 1000 * statistics.fmean(measured), "step_ms_max": 1000 * max(measured),
+            "frames_per_s": rows * budget / wall,
+            "audio_s_per_s": rows * budget * server.SAMPLES_PER_FRAME / server.SAMPLE_RATE / wall}

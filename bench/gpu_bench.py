@@ -6,6 +6,8 @@ JSON to $OUT/gpu_bench.json (or --out):
   steps     ms per decode step at 1/4/16 rows: library-driven (qwen_tts's generate()), static eager, static graphs
   capture   graph capture seconds and graph-pool bytes; decode-cache bytes
   codec     ms of one streaming-decode chunk (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES frames)
+  codec_thread  at 1/4/16 rows, codec decode on the model thread vs its own thread (CODEC_THREAD): the model
+            thread's ms per step (mean, worst) and the rows' frames and audio seconds per second
   single    one stream at a time, 10 times: first audio p50/p95 and real-time factor, graphs on and off
   streams   16 streams arriving STAGGER seconds apart: audio seconds per second, the worst stream's real-time
             factor, p95 first audio, graphs on and off
@@ -104,6 +106,10 @@ def measure_steps(model: str, args: argparse.Namespace, report: Report) -> None:
             results["graphs_ms"] = {rows: 1000 * eb.median(eb.static_steps(graphs, rows, steps), "seconds")
                                     for rows in rows_list}
             report.add("steps", results)
+        report.add("codec_thread", {"cuda_graphs": snap["cuda_graphs"], **{
+            rows: {("own_thread" if threaded else "model_thread"): eb.codec_batch(
+                graphs, rows, args.budget, threaded, args.first_chunk_frames, args.chunk_frames)
+                for threaded in (False, True)} for rows in rows_list}})
     finally:
         graphs.unload()
 
