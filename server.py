@@ -2597,9 +2597,23 @@ class SqliteDatabase:
         self.where = f"DATA_DIR={data_dir}"
         self.path = os.path.join(os.path.abspath(data_dir), "voices.db")
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=STORE_TIMEOUT)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self._db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.Lock()
+
+    def _use_wal(self) -> None:
+        """Write-ahead logging, so readers go on while one connection writes. Switching a new file to it needs the
+        file to itself, and SQLite answers 'database is locked' at once, without its busy wait, while another
+        process or thread opens it too (servers starting together): try again until STORE_TIMEOUT."""
+        deadline = time.monotonic() + STORE_TIMEOUT
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Run]:

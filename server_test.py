@@ -2752,6 +2752,30 @@ def test_replicas_opening_a_new_store_together_create_the_schema_once(store_sett
         store.close()
 
 
+def test_processes_opening_one_new_sqlite_file_at_once_all_get_it(tmp_path):
+    """Switching a new SQLite file to WAL needs it alone, and SQLite says 'database is locked' at once while others
+    open it: each opener waits its turn instead (this failed about once in 12 rounds before)."""
+    for round_ in range(60):
+        data_dir = str(tmp_path / f"data-{round_}")
+        barrier, results = threading.Barrier(4), []
+
+        def open_store(data_dir: str = data_dir, barrier: threading.Barrier = barrier, results: list = results) -> None:
+            barrier.wait()
+            try:
+                results.append(server.SqliteDatabase(data_dir))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                results.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(isinstance(r, server.SqliteDatabase) for r in results), (round_, results)
+        for db in results:
+            db.close()
+
+
 def test_a_store_newer_than_the_server_or_out_of_reach_is_unavailable(store_settings, tmp_path):
     store = server.VoiceStore.open(store_settings)
     with store._transaction() as run:
