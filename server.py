@@ -4,10 +4,11 @@
 Read top to bottom, the sections follow the data (each `# ---- part: ...` heading says what it holds):
 configuration -> errors (domain errors, and the one place they become HTTP) -> request models -> text (language
 tables as data, the rules, detection, segments) -> voices (built-in speakers; custom voices and their store) ->
-engine (what a model can do, codec frames -> PCM, jobs and sampling, the static decode path and its CUDA graphs,
-the model manager, the scheduler, the one model thread, the facade the HTTP layer uses) -> audio -> synthesis
-(one pipeline for every endpoint) -> HTTP (voices and planning, errors and health, the wire formats, the web page,
-middleware, drain, routes, WebSocket sessions) -> observability -> main.
+observability (metrics and logs, which the engine and the HTTP layer both report to) -> engine (what a model can
+do, codec frames -> PCM, jobs and sampling, the codec thread, the static decode path and its CUDA graphs, the model
+manager, the scheduler, the one model thread, the facade the HTTP layer uses) -> audio -> synthesis (one pipeline
+for every endpoint) -> HTTP (voices and planning, errors and health, the wire formats, the web page, middleware,
+drain, routes, WebSocket sessions) -> main.
 Every endpoint builds the same job and consumes the same stream of PCM chunks; only the wire format differs.
 """
 
@@ -2874,6 +2875,134 @@ class VoiceStore:
 def _wav_bytes(pcm: np.ndarray) -> bytes:
     encoder = AudioEncoder("wav", SAMPLE_RATE, streaming=False)
     return encoder.encode(pcm) + encoder.finish()
+
+
+# ---- observability: Prometheus metrics and logs
+class Metrics:
+    """Prometheus metrics in a registry of their own (one per Server, so tests can run several)."""
+
+    def __init__(self, model_id: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self._requests = Counter("tts_requests_total", "Speech requests by endpoint, voice, format and status",
+                                 ["endpoint", "voice", "format", "status"], registry=r)
+        self._errors = Counter("tts_errors_total", "Error responses by path, status and error code",
+                               ["path", "status", "code"], registry=r)
+        self._cache = Counter("tts_audio_cache_lookups_total", "Audio cache lookups", ["result"], registry=r)
+        self._cache_size = Gauge("tts_audio_cache_entries", "Entries in the audio cache", registry=r)
+        self._ttfa = Histogram("tts_time_to_first_audio_seconds", "From admission to the first PCM chunk",
+                               buckets=(.05, .1, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10, 30), registry=r)
+        self._rtf = Histogram("tts_real_time_factor", "Seconds of audio per second of wall time",
+                              buckets=(.1, .25, .5, .75, 1, 1.5, 2, 3, 5, 10, 20, 50), registry=r)
+        self._duration = Histogram("tts_request_duration_seconds", "Synthesis time per request",
+                                   buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
+        self._inference = Histogram("tts_inference_duration_seconds",
+                                    "Time the model spent on one batch, from its first rows to its last",
+                                    buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
+        self._batch = Histogram("tts_batch_size", "Most rows generating together in one batch (rows join and leave "
+                                "at every step)",
+                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self._queue_wait = Histogram("tts_queue_wait_seconds", "From admission to the start of generation",
+                                     buckets=(.005, .01, .05, .1, .25, .5, 1, 2, 5, 10, 30, 60), registry=r)
+        self._queue = Gauge("tts_queue_depth", "Requests queued or running", registry=r)
+        self._rows = Gauge("tts_batch_rows", "Rows generating together now (0 when the model is idle)", registry=r)
+        self._loaded = Gauge("tts_model_loaded", "1 when the model is in memory", ["model"], registry=r)
+        self._instructions_ignored = Counter("tts_instructions_ignored_total", "Requests whose instructions the "
+                                             "model cannot follow, accepted and not followed, by model kind",
+                                             ["kind"], registry=r)
+        self._websocket_sessions = Gauge("tts_websocket_sessions", "WebSocket sessions open now", registry=r)
+        self._model_id = model_id
+        self._loaded.labels(model_id).set(0)
+
+    def request(self, endpoint: str, voice: str, fmt: str, status: int, cache_hit: Optional[bool]) -> None:
+        """One response; cache_hit None: it did not look in the audio cache."""
+        self._requests.labels(endpoint, voice, fmt, str(status)).inc()
+        if cache_hit is not None:
+            self._cache.labels("hit" if cache_hit else "miss").inc()
+
+    def error(self, path: str, status: int, code: Optional[str]) -> None:
+        # Known paths only: a label per arbitrary 404 path would let any client grow the registry without bound.
+        self._errors.labels(path if path.startswith(("/v1/", "/cache", "/health", "/ready", "/metrics"))
+                            and status != 404 else "other", str(status), code or "").inc()
+
+    def synthesis(self, ttfa: Optional[float], rtf: Optional[float], seconds: float) -> None:
+        if ttfa is not None:
+            self._ttfa.observe(ttfa)
+        if rtf is not None:
+            self._rtf.observe(rtf)
+        self._duration.observe(seconds)
+
+    def batch(self, size: int, seconds: float) -> None:
+        self._batch.observe(size)
+        self._inference.observe(seconds)
+
+    def batch_rows(self, rows: int) -> None:
+        self._rows.set(rows)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        self._queue.set_function(depth)
+
+    def instructions_ignored(self, kind: str) -> None:
+        self._instructions_ignored.labels(kind).inc()
+
+    def websocket_session(self, opened: bool) -> None:
+        if opened:
+            self._websocket_sessions.inc()
+        else:
+            self._websocket_sessions.dec()
+
+    def model_loaded(self, loaded: bool) -> None:
+        self._loaded.labels(self._model_id).set(1 if loaded else 0)
+
+    def cache_size(self, entries: int) -> None:
+        self._cache_size.set(entries)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class LoguruHandler(logging.Handler):
+    """Routes the standard library's logging (uvicorn, transformers) into loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: Union[str, int] = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+SECRET_IN_URL = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+
+def _hide_secrets(record: dict) -> None:
+    """A loguru patcher: no API key in any line, right or wrong (uvicorn logs a WebSocket's path with its query)."""
+    record["message"] = SECRET_IN_URL.sub(r"\1[hidden]", record["message"])
+
+
+def configure_logging(settings: Settings) -> None:
+    """LOG_FORMAT=json: one JSON object per line (loguru's serialize); text: human-readable lines. Lines written while
+    a request is served carry its request_id."""
+    logger.remove()
+    logger.configure(patcher=_hide_secrets)
+    if settings.log_format == "json":
+        logger.add(sys.stderr, level=settings.log_level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(sys.stderr, level=settings.log_level, backtrace=False, diagnose=False,
+                   format="<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
+                          "{message} <dim>{extra}</dim>")
+    # Libraries log at WARNING and above (their INFO lines are per-load configuration chatter); uvicorn as configured.
+    logging.basicConfig(handlers=[LoguruHandler()], level=logging.WARNING, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = [LoguruHandler()]
+        logging.getLogger(name).propagate = False
+        logging.getLogger(name).setLevel(settings.log_level if settings.log_level != "SUCCESS" else "INFO")
 
 
 # ---- engine: what a model can do, read from its configuration before it is loaded
@@ -6987,134 +7116,6 @@ def add_websocket_routes(app: FastAPI, server: Server) -> None:
     async def elevenlabs_multi_stream_input(ws: WebSocket, voice_id: str) -> None:
         await ws.accept()
         await ElevenLabsSession(server, ws, voice_id, multi=True).run()
-
-
-# ---- observability: Prometheus metrics and logs
-class Metrics:
-    """Prometheus metrics in a registry of their own (one per Server, so tests can run several)."""
-
-    def __init__(self, model_id: str):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        r = self.registry = CollectorRegistry()
-        self._requests = Counter("tts_requests_total", "Speech requests by endpoint, voice, format and status",
-                                 ["endpoint", "voice", "format", "status"], registry=r)
-        self._errors = Counter("tts_errors_total", "Error responses by path, status and error code",
-                               ["path", "status", "code"], registry=r)
-        self._cache = Counter("tts_audio_cache_lookups_total", "Audio cache lookups", ["result"], registry=r)
-        self._cache_size = Gauge("tts_audio_cache_entries", "Entries in the audio cache", registry=r)
-        self._ttfa = Histogram("tts_time_to_first_audio_seconds", "From admission to the first PCM chunk",
-                               buckets=(.05, .1, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10, 30), registry=r)
-        self._rtf = Histogram("tts_real_time_factor", "Seconds of audio per second of wall time",
-                              buckets=(.1, .25, .5, .75, 1, 1.5, 2, 3, 5, 10, 20, 50), registry=r)
-        self._duration = Histogram("tts_request_duration_seconds", "Synthesis time per request",
-                                   buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
-        self._inference = Histogram("tts_inference_duration_seconds",
-                                    "Time the model spent on one batch, from its first rows to its last",
-                                    buckets=(.1, .25, .5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
-        self._batch = Histogram("tts_batch_size", "Most rows generating together in one batch (rows join and leave "
-                                "at every step)",
-                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
-        self._queue_wait = Histogram("tts_queue_wait_seconds", "From admission to the start of generation",
-                                     buckets=(.005, .01, .05, .1, .25, .5, 1, 2, 5, 10, 30, 60), registry=r)
-        self._queue = Gauge("tts_queue_depth", "Requests queued or running", registry=r)
-        self._rows = Gauge("tts_batch_rows", "Rows generating together now (0 when the model is idle)", registry=r)
-        self._loaded = Gauge("tts_model_loaded", "1 when the model is in memory", ["model"], registry=r)
-        self._instructions_ignored = Counter("tts_instructions_ignored_total", "Requests whose instructions the "
-                                             "model cannot follow, accepted and not followed, by model kind",
-                                             ["kind"], registry=r)
-        self._websocket_sessions = Gauge("tts_websocket_sessions", "WebSocket sessions open now", registry=r)
-        self._model_id = model_id
-        self._loaded.labels(model_id).set(0)
-
-    def request(self, endpoint: str, voice: str, fmt: str, status: int, cache_hit: Optional[bool]) -> None:
-        """One response; cache_hit None: it did not look in the audio cache."""
-        self._requests.labels(endpoint, voice, fmt, str(status)).inc()
-        if cache_hit is not None:
-            self._cache.labels("hit" if cache_hit else "miss").inc()
-
-    def error(self, path: str, status: int, code: Optional[str]) -> None:
-        # Known paths only: a label per arbitrary 404 path would let any client grow the registry without bound.
-        self._errors.labels(path if path.startswith(("/v1/", "/cache", "/health", "/ready", "/metrics"))
-                            and status != 404 else "other", str(status), code or "").inc()
-
-    def synthesis(self, ttfa: Optional[float], rtf: Optional[float], seconds: float) -> None:
-        if ttfa is not None:
-            self._ttfa.observe(ttfa)
-        if rtf is not None:
-            self._rtf.observe(rtf)
-        self._duration.observe(seconds)
-
-    def batch(self, size: int, seconds: float) -> None:
-        self._batch.observe(size)
-        self._inference.observe(seconds)
-
-    def batch_rows(self, rows: int) -> None:
-        self._rows.set(rows)
-
-    def queue_wait(self, seconds: float) -> None:
-        self._queue_wait.observe(seconds)
-
-    def track_queue_depth(self, depth: Callable[[], int]) -> None:
-        self._queue.set_function(depth)
-
-    def instructions_ignored(self, kind: str) -> None:
-        self._instructions_ignored.labels(kind).inc()
-
-    def websocket_session(self, opened: bool) -> None:
-        if opened:
-            self._websocket_sessions.inc()
-        else:
-            self._websocket_sessions.dec()
-
-    def model_loaded(self, loaded: bool) -> None:
-        self._loaded.labels(self._model_id).set(1 if loaded else 0)
-
-    def cache_size(self, entries: int) -> None:
-        self._cache_size.set(entries)
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
-class LoguruHandler(logging.Handler):
-    """Routes the standard library's logging (uvicorn, transformers) into loguru."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            level: Union[str, int] = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
-
-
-SECRET_IN_URL = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
-
-
-def _hide_secrets(record: dict) -> None:
-    """A loguru patcher: no API key in any line, right or wrong (uvicorn logs a WebSocket's path with its query)."""
-    record["message"] = SECRET_IN_URL.sub(r"\1[hidden]", record["message"])
-
-
-def configure_logging(settings: Settings) -> None:
-    """LOG_FORMAT=json: one JSON object per line (loguru's serialize); text: human-readable lines. Lines written while
-    a request is served carry its request_id."""
-    logger.remove()
-    logger.configure(patcher=_hide_secrets)
-    if settings.log_format == "json":
-        logger.add(sys.stderr, level=settings.log_level, serialize=True, backtrace=False, diagnose=False)
-    else:
-        logger.add(sys.stderr, level=settings.log_level, backtrace=False, diagnose=False,
-                   format="<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
-                          "{message} <dim>{extra}</dim>")
-    # Libraries log at WARNING and above (their INFO lines are per-load configuration chatter); uvicorn as configured.
-    logging.basicConfig(handlers=[LoguruHandler()], level=logging.WARNING, force=True)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers = [LoguruHandler()]
-        logging.getLogger(name).propagate = False
-        logging.getLogger(name).setLevel(settings.log_level if settings.log_level != "SUCCESS" else "INFO")
 
 
 # ---- main
