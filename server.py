@@ -6860,27 +6860,24 @@ class WebSocketSession:
 
     async def _speak(self, item: Union[dict, SpeechStream]) -> None:
         with self.server.in_flight.hold():                    # a drain waits for what is being spoken
-            await self._speak_held(item)
-
-    async def _speak_held(self, item: Union[dict, SpeechStream]) -> None:
-        try:
-            if isinstance(item, SpeechStream):
-                await item.run(self._send)
-                done = {"event": "done"}
-                if item.instructions_ignored:
-                    done["instructions_ignored"] = item.instructions_ignored
-                await self._send(done)
-            else:
-                await self._utterance(item)
-        except ValidationError as exc:
-            await self._error(validation_error_to_api_error(exc).message)
-        except ServiceError as exc:
-            await self._error(self.server.errors.public(exc).message)
-        except (WebSocketDisconnect, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug must not end the session silently
-            logger.opt(exception=exc).error("WebSocket session: unexpected error")
-            await self._error(f"internal error: {type(exc).__name__}")
+            try:
+                if isinstance(item, SpeechStream):
+                    await item.run(self._send)
+                    done = {"event": "done"}
+                    if item.instructions_ignored:
+                        done["instructions_ignored"] = item.instructions_ignored
+                    await self._send(done)
+                else:
+                    await self._utterance(item)
+            except ValidationError as exc:
+                await self._error(validation_error_to_api_error(exc).message)
+            except ServiceError as exc:
+                await self._error(self.server.errors.public(exc).message)
+            except (WebSocketDisconnect, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the session silently
+                logger.opt(exception=exc).error("WebSocket session: unexpected error")
+                await self._error(f"internal error: {type(exc).__name__}")
 
     async def _utterance(self, message: dict) -> None:
         if not str(message.get("input") or "").strip():

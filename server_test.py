@@ -2729,22 +2729,27 @@ def test_two_replicas_share_voices_and_one_name_goes_to_one_of_them(store_settin
     b.close()
 
 
-def test_replicas_opening_a_new_store_together_create_the_schema_once(store_settings):
-    barrier = threading.Barrier(4)
-    results: list = []
+def opened_together(open_one: Callable[[], Any], count: int = 4) -> list:
+    """`count` threads call open_one at once (a barrier) -> what each returned, or the exception it raised."""
+    barrier, results = threading.Barrier(count), []
 
-    def open_store() -> None:
+    def run() -> None:
         barrier.wait()
         try:
-            results.append(server.VoiceStore.open(store_settings))
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results.append(open_one())
+        except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
             results.append(exc)
 
-    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    threads = [threading.Thread(target=run) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    return results
+
+
+def test_replicas_opening_a_new_store_together_create_the_schema_once(store_settings):
+    results = opened_together(lambda: server.VoiceStore.open(store_settings))
     assert all(isinstance(r, server.VoiceStore) for r in results), results
     with results[0]._transaction() as run:
         assert run("SELECT version FROM schema_version") == [{"version": server.STORE_SCHEMA_VERSION}]
@@ -2757,20 +2762,7 @@ def test_processes_opening_one_new_sqlite_file_at_once_all_get_it(tmp_path):
     open it: each opener waits its turn instead (this failed about once in 12 rounds before)."""
     for round_ in range(60):
         data_dir = str(tmp_path / f"data-{round_}")
-        barrier, results = threading.Barrier(4), []
-
-        def open_store(data_dir: str = data_dir, barrier: threading.Barrier = barrier, results: list = results) -> None:
-            barrier.wait()
-            try:
-                results.append(server.SqliteDatabase(data_dir))
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                results.append(exc)
-
-        threads = [threading.Thread(target=open_store) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = opened_together(lambda data_dir=data_dir: server.SqliteDatabase(data_dir))
         assert all(isinstance(r, server.SqliteDatabase) for r in results), (round_, results)
         for db in results:
             db.close()

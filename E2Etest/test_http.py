@@ -56,10 +56,13 @@ def test_an_openai_request_streams_in_every_format_without_asking(http, fmt):
         assert wav_sizes(data) == (UNKNOWN_SIZE, UNKNOWN_SIZE)
 
 
-def test_without_stream_format_the_first_bytes_arrive_while_the_model_still_speaks(http):
-    with http.stream("POST", "/v1/audio/speech", json={"model": "tts-1", "voice": "nova", "response_format": "pcm",
-                                                         "input": "The first bytes come long before the last ones. "
-                                                                  "This second sentence keeps the model busy."}) as r:
+@pytest.mark.parametrize("stream_format", [None, "audio"])
+def test_the_first_bytes_arrive_while_the_model_still_speaks(http, stream_format):
+    """With or without stream_format: OpenAI streams every answer."""
+    request = {"model": "tts-1", "voice": "nova", "response_format": "pcm", "stream_format": stream_format,
+               "input": f"The first bytes come long before the last ones ({stream_format}). "
+                        "This second sentence keeps the model busy."}         # its own text: never a cache hit
+    with http.stream("POST", "/v1/audio/speech", json={k: v for k, v in request.items() if v is not None}) as r:
         chunks = r.iter_raw()
         first = next(chunks)
         health = http.get("/health").json()          # asked after the first bytes, before the end

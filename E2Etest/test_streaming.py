@@ -52,17 +52,6 @@ def test_streamed_wav_has_unknown_sizes(http):
     assert struct.unpack("<I", data[data.index(b"data") + 4:][:4])[0] == 0xFFFFFFFF
 
 
-def test_first_bytes_arrive_while_the_model_is_still_generating(http):
-    with http.stream("POST", "/v1/audio/speech", json={"input": TEXT + " " + TEXT, "voice": "nova",
-                                                         "response_format": "pcm", "stream_format": "audio"}) as r:
-        chunks = r.iter_raw()
-        first = next(chunks)
-        health = http.get("/health").json()          # asked after the first bytes, before the end
-        rest = b"".join(chunks)
-    assert len(first) > 0 and len(rest) > 0
-    assert health["queue_depth"] >= 1 and health["busy"], "the first audio came only after generation had ended"
-
-
 def test_openai_sse_events(http, buffered):
     with http.stream("POST", "/v1/audio/speech", json={"input": TEXT, "voice": "nova", "response_format": "pcm",
                                                          "stream_format": "sse", "seed": 11}) as r:
