@@ -5603,11 +5603,6 @@ class Server:
         """The planner's plan (the name every endpoint, the WebSocket's too, calls)."""
         return await self.planner.plan(req, response_format=response_format, voice=voice)
 
-    def log_request(self, endpoint: str, plan: SpeechPlan, status: int, synthesis: Synthesis, audio_seconds: float,
-                    started: float) -> None:
-        """The request log's line for a response that looked in no cache (the WebSocket's utterances)."""
-        self.requests.synthesized(endpoint, plan, status, synthesis, audio_seconds, started)
-
 
 # ---- HTTP: the wire formats, each consuming Synthesis.chunks()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # proxies must not buffer a stream
@@ -6554,7 +6549,7 @@ class _SegmentJob:
                 await self.next_chunk          # the generator must stop before it can be closed
         await self.chunks.aclose()
         self.synthesis.close()
-        server.log_request(endpoint, self.plan, status, self.synthesis, self.audio_seconds, self.started)
+        server.requests.synthesized(endpoint, self.plan, status, self.synthesis, self.audio_seconds, self.started)
 
 
 class SpeechStream:
@@ -6900,7 +6895,7 @@ class WebSocketSession:
         finally:
             output.close()
             synthesis.close()
-            self.server.log_request("ws", plan, status, synthesis, output.seconds, started)
+            self.server.requests.synthesized("ws", plan, status, synthesis, output.seconds, started)
         done = {"event": "done"}
         if plan.instructions_ignored:
             done["instructions_ignored"] = plan.instructions_ignored
