@@ -20,13 +20,19 @@ import httpx
 import pytest
 from test_deployment import make_certificate
 
-from conftest import ROOT, ServerProcess, checkpoint
+from conftest import ROOT, ServerProcess, checkpoint, wait_for
 
 # The machine may be shared and slow: each test may take long, the limit only stops a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 TEXT = "Nothing is lost in a drain."                          # ~6 s of audio from the tiny model
 LONG = " ".join(["A stream that outlives the drain is cut, and says so."] * 5)     # ~40 s: outlives a 1 s drain
 PROTOCOLS = ("openai_sse", "seed_sse", "raw_pcm", "websocket")
+
+
+def unready(url: str, verify: bool = True) -> Optional[httpx.Response]:
+    """/ready's answer once it is no longer 200 (a drain has begun), else None."""
+    r = httpx.get(url + "/ready", timeout=30, verify=verify)
+    return r if r.status_code != 200 else None
 
 
 class Stream(threading.Thread):
@@ -156,9 +162,7 @@ def test_sigterm_lets_every_stream_in_flight_finish_whole_then_exits(draining_se
 
     srv.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    while (ready := httpx.get(srv.url + "/ready", timeout=30)).status_code == 200:
-        assert time.monotonic() - signalled < 120, "/ready never turned 503"
-        time.sleep(0.02)
+    ready = wait_for(lambda: unready(srv.url), "/ready to turn 503 after SIGTERM", interval=0.02)
     running_when_unready = sum(not s.ending for s in streams)
     assert ready.status_code == 503 and ready.json()["draining"] is True
     assert httpx.get(srv.url + "/health", timeout=30).status_code == 200        # liveness is untouched
@@ -212,8 +216,7 @@ def test_hypercorn_drains_too(draining_server, tmp_path):
     stream.start()
     assert stream.first_audio.wait(600) and stream.error is None
     srv.proc.send_signal(signal.SIGTERM)
-    while httpx.get(srv.url + "/ready", timeout=30, verify=False).status_code == 200:
-        time.sleep(0.02)
+    wait_for(lambda: unready(srv.url, verify=False), "/ready to turn 503 after SIGTERM", interval=0.02)
     with httpx.Client(http2=True, verify=False, timeout=60) as h2:          # refused over HTTP/2 as well
         refused = h2.post(srv.url + "/v1/audio/speech", json={"input": "Too late.", "voice": "alloy"})
     assert refused.http_version == "HTTP/2" and refused.status_code == 503

@@ -25,7 +25,7 @@ import pytest
 from test_drain import TEXT, full_pcm_bytes
 from test_voices import wav
 
-from conftest import LOGS, ServerProcess, checkpoint, free_port
+from conftest import LOGS, ServerProcess, checkpoint, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]   # the bound only stops a hang on a slow machine
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -242,16 +242,15 @@ def test_sigterm_to_one_replica_loses_no_request_and_its_stream_finishes_whole(c
     traffic = [Traffic(balancer.url) for _ in range(2)]
     for t in traffic:
         t.start()
-    while sum(len(t.statuses) for t in traffic) < 2:      # requests are flowing before the signal
-        time.sleep(0.1)
+    wait_for(lambda: sum(len(t.statuses) for t in traffic) >= 2, "requests to flow before the signal", interval=0.1)
     before = sum(len(t.statuses) for t in traffic)
     signalled = time.monotonic()
     leaving.proc.send_signal(signal.SIGTERM)
     leaving.proc.wait(1800)
     exit_seconds = time.monotonic() - signalled
     during = sum(len(t.statuses) for t in traffic) - before
-    while sum(len(t.statuses) for t in traffic) < before + during + 2:    # and go on flowing after it left
-        time.sleep(0.1)
+    wait_for(lambda: sum(len(t.statuses) for t in traffic) >= before + during + 2,
+             "requests to go on flowing after the replica left", interval=0.1)
     for t in traffic:
         t.stopping.set()
     for t in traffic:

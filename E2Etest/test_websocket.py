@@ -5,12 +5,13 @@ and the socket stays usable (issue 10); the incremental-text form, where text ar
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+
+from conftest import wait_for
 
 WAIT = 300          # seconds: an upper bound that only stops a hang (a busy machine is slow, never this slow)
 
@@ -56,14 +57,6 @@ def metric(http: httpx.Client, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} not found")
-
-
-def wait_until(condition, what: str, seconds: float = WAIT) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # ---- messages the session does not understand (issue 10)
@@ -137,8 +130,8 @@ def test_waiting_messages_are_bounded_and_the_rest_are_refused(url, http):
         ws.send(json.dumps({"event": "cancel"}))
         assert next_event(ws) == {"event": "cancelled"}
         assert next_event(ws) == {"event": "done"}                # the first waiting message plays
-    wait_until(lambda: http.get("/health").json()["queue_depth"] == 0, "the queue to drain")
-    wait_until(lambda: metric(http, "tts_websocket_sessions") == 0, "the session to end")
+    wait_for(lambda: http.get("/health").json()["queue_depth"] == 0, "the queue to drain")
+    wait_for(lambda: metric(http, "tts_websocket_sessions") == 0, "the session to end")
 
 
 def test_a_session_ends_when_its_client_goes_away_whatever_it_sent(url, http):
@@ -148,8 +141,8 @@ def test_a_session_ends_when_its_client_goes_away_whatever_it_sent(url, http):
         with connect(ws_url(url)) as ws:
             ws.send(payload)
             ws.recv(timeout=WAIT)
-        wait_until(lambda: metric(http, "tts_websocket_sessions") == 0, "the session to end")
-    wait_until(lambda: http.get("/health").json()["queue_depth"] == 0, "the queue to drain")
+        wait_for(lambda: metric(http, "tts_websocket_sessions") == 0, "the session to end")
+    wait_for(lambda: http.get("/health").json()["queue_depth"] == 0, "the queue to drain")
 
 
 def test_stream_messages_that_make_no_sense_get_error_events(url):
@@ -210,7 +203,7 @@ def test_flush_speaks_what_has_arrived_and_cancel_stops_a_stream_at_once(url, ht
             ws.send(json.dumps({"event": "text", "text": " And one more sentence to keep it busy."}))
         ws.send(json.dumps({"event": "cancel"}))
         assert next_event(ws) == {"event": "cancelled"}
-        wait_until(lambda: http.get("/health").json()["queue_depth"] == 0, "the stream's jobs to be released")
+        wait_for(lambda: http.get("/health").json()["queue_depth"] == 0, "the stream's jobs to be released")
         ws.send(json.dumps({"event": "text", "text": "too late"}))
         assert_error(ws, "open stream")                    # the cancelled stream takes no more text
         ws.send(json.dumps({"event": "start", "voice": "nova"}))
