@@ -32,8 +32,11 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 HAPROXY_CONFIG = """
 global
     maxconn 512
+    log stdout format raw local0 info      # one line per request in haproxy.log: a lost one says how it ended
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 5s
     timeout client 30m
     timeout server 30m
@@ -258,7 +261,8 @@ def test_sigterm_to_one_replica_loses_no_request_and_its_stream_finishes_whole(c
     streamer.join(1200)
 
     statuses = [s for t in traffic for s in t.statuses]
-    assert statuses and all(s == 200 for s in statuses), statuses          # none lost: every one 200
+    lost = [(i, s) for i, s in enumerate(statuses) if s != 200]
+    assert statuses and not lost, (len(statuses), lost)                    # none lost: every one 200
     assert ending is not None and ending["type"] == "speech.audio.done"
     assert len(pcm) == full_pcm_bytes(TEXT)                                 # the stream in flight, whole
     log = Path(leaving.log_path).read_text(errors="replace")
